@@ -1,0 +1,245 @@
+"""The `sdworker` command line: generate images, list models and schedulers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sdworker.engine.schedulers import SCHEDULERS
+from sdworker.jobs import JobSpec, ResizeMode, SdworkerError, describe_validation_error
+from sdworker.settings import Settings
+
+app = typer.Typer(
+    help="sdworker: self-hosted Stable Diffusion XL image generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+stdout = Console()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn every user error into one line on stderr and a non-zero exit, no traceback."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise _fail(describe_validation_error(exc)) from None
+    except SdworkerError as exc:
+        raise _fail(exc.message) from None
+    except RuntimeError as exc:  # e.g. an explicit device that is not there
+        raise _fail(str(exc), code=1) from None
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        raise _fail(f"settings: {describe_validation_error(exc)}") from None
+
+
+def _quiet_libraries() -> None:
+    # diffusers/transformers log at warning level for routine events (dtype casts in
+    # img2img, image-processor fallbacks); the CLI shows only errors from them.
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
+    """Where images go: -o as given for one image, NAME-i.EXT for several; a timestamped
+    file in ./outputs when -o is not given."""
+    if output is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return [Path("outputs") / f"{stamp}-{seed}.png" for seed in seeds]
+    if len(seeds) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(len(seeds))]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw. Empty string for none.")],
+    negative: Annotated[
+        str | None, typer.Option("--negative", "-n", help="What to avoid (negative prompt).")
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option("--size", "-s", help="WIDTHxHEIGHT, multiples of 8 [default: model's, 1024x1024 for SDXL].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps, 1-150 [default: 30].")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale, 0-30 [default: 7.5].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="0 to 2^32-1; image i uses seed+i [default: random, printed].")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Sampler name or alias; see `sdworker schedulers` [default: euler].")
+    ] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-b", help="Images in one batch.")] = 1,
+    image: Annotated[
+        str | None, typer.Option("--image", "-i", help="Init image (path or URL): makes this img2img.")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="img2img/inpaint denoise strength 0-1 [default: 0.75 / 1.0].")
+    ] = None,
+    mask: Annotated[
+        str | None, typer.Option("--mask", "-m", help="Inpaint mask, white = repaint (needs --image).")
+    ] = None,
+    exact_copy: Annotated[
+        bool, typer.Option("--exact-copy", help="Near-identical copy of --image (strength <= 0.05).")
+    ] = False,
+    resize_mode: Annotated[
+        ResizeMode, typer.Option(help="How --image/--mask are fitted to --size.")
+    ] = ResizeMode.CROP,
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint file, diffusers folder, hub id or tiny-sdxl [default: SDWORKER_MODEL].")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="PNG path; NAME-i.png for several images [default: ./outputs/TIME-SEED.png].")
+    ] = None,
+    save_latents: Annotated[
+        Path | None, typer.Option(help="Also write the final latents as raw float16 NCHW bytes here.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, mps, cuda or cuda:N [default: SDWORKER_DEVICE or auto].")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp16, bf16 or fp32 [default: fp16 on GPU, fp32 on CPU].")
+    ] = None,
+) -> None:
+    """Generate images from a prompt (text2img), an init image (img2img) or image + mask (inpaint)."""
+    settings = _settings(device=device, dtype=dtype)
+    with _user_errors():
+        spec = JobSpec(
+            prompt=prompt, negative_prompt=negative, size=size, steps=steps,
+            guidance_scale=guidance, seed=seed, scheduler=scheduler, num_images=num_images,
+            image=image, strength=strength, mask=mask, exact_copy_mode=exact_copy,
+            resize_mode=resize_mode, model=model, return_latents=save_latents is not None,
+        )  # fmt: skip
+        _quiet_libraries()
+        from sdworker.engine.engine import Cancelled, Engine
+
+        engine = Engine(settings)
+        plan = engine.plan(spec)
+        started = time.perf_counter()
+        with console.status(f"Loading {engine.source(spec.model).name} on {engine.device}..."):
+            load_s = engine.load(spec.model).load_s
+        with _progress() as progress:
+            bar = progress.add_task("Denoising", total=plan.denoise_steps, visible=False)
+
+            def on_step(step: int, total: int) -> None:
+                progress.update(bar, completed=step, total=total, visible=True)
+
+            result = engine.run(spec, on_step=on_step)
+    if isinstance(result, Cancelled):  # nothing cancels a CLI run; kept for completeness
+        raise _fail("cancelled", code=1)
+    paths = output_paths(output, result.seeds)
+    from sdworker.media import encode_png
+
+    for picture, path, parameters in zip(result.images, paths, _parameters(result), strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(picture, parameters))
+    if save_latents is not None and result.latents is not None:
+        save_latents.write_bytes(result.latents.data)
+        stdout.print(f"latents: {save_latents} shape={list(result.latents.shape)} float16")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for path, image_seed in zip(paths, result.seeds, strict=True):
+        stdout.print(f"{path}  seed={image_seed}", highlight=False)
+    stdout.print(
+        f"{len(paths)} image(s) in {time.perf_counter() - started:.1f}s "
+        f"(load {load_s:.1f}s, inference {result.timings['inference_s']:.1f}s) "
+        f"on {result.device} {result.dtype}",
+        highlight=False,
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _parameters(result: Any) -> list[str]:
+    from sdworker.engine.schedulers import find_scheduler
+    from sdworker.media import a1111_parameters
+
+    plan = result.plan
+    return [
+        a1111_parameters(
+            plan.prompt,
+            plan.negative_prompt,
+            {
+                "Steps": plan.num_inference_steps,
+                "Sampler": find_scheduler(plan.scheduler).label,
+                "CFG scale": plan.guidance_scale,
+                "Seed": seed,
+                "Size": f"{plan.width}x{plan.height}",
+                "Model": result.model,
+                "Denoising strength": plan.strength,
+            },
+        )
+        for seed in result.seeds
+    ]
+
+
+@app.command()
+def schedulers() -> None:
+    """List the schedulers (samplers) and the aliases accepted for each."""
+    table = Table("name", "label", "aliases", "diffusers class")
+    for choice in SCHEDULERS:
+        table.add_row(choice.name, choice.label, ", ".join(choice.aliases), choice.class_name)
+    stdout.print(table)
+
+
+@app.command()
+def models() -> None:
+    """Show the configured model and the models found under the model root."""
+    from sdworker.engine.catalog import list_models
+
+    settings = _settings()
+    stdout.print(f"default model: [bold]{settings.model}[/]", highlight=False)
+    stdout.print(f"model root:    {settings.model_root or '(not set: SDWORKER_MODEL_ROOT)'}")
+    table = Table("name", "kind", "family", "location")
+    for row in list_models(settings):
+        table.add_row(row.name, row.kind, row.family, row.location)
+    stdout.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

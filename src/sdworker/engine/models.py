@@ -1,0 +1,245 @@
+"""Model sources (built-in tiny, diffusers folder, single-file checkpoint, hub id):
+finding them, telling their family, and loading them offline where possible."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdworker.engine.tiny import clip_tokenizers, ensure_tiny_model, is_tiny_model
+from sdworker.jobs import ModelLoadError, ModelNotFoundError
+from sdworker.settings import Settings
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SUPPORTED_FAMILIES = ("sdxl",)
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# model_index.json _class_name -> family.
+_PIPELINE_FAMILIES = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionImg2ImgPipeline": "sd15",
+    "StableDiffusionInpaintPipeline": "sd15",
+    "StableDiffusion3Pipeline": "sd3",
+    "WanPipeline": "wan-t2v",
+}
+
+
+class SourceKind(str, Enum):
+    TINY = "tiny"
+    FOLDER = "folder"
+    SINGLE_FILE = "single_file"
+    HUB = "hub"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives and what it is; `location` is a path or a hub id."""
+
+    name: str
+    kind: SourceKind
+    location: str
+    family: str
+
+
+def _candidates(name: str, root: Path | None) -> list[Path]:
+    bases = [Path(name).expanduser()]
+    if root is not None and not Path(name).is_absolute():
+        bases.insert(0, root.expanduser() / name)
+    paths: list[Path] = []
+    for base in bases:
+        paths.append(base)
+        if base.suffix not in SINGLE_FILE_SUFFIXES:
+            paths.extend(base.with_name(base.name + suffix) for suffix in SINGLE_FILE_SUFFIXES)
+    return paths
+
+
+def resolve_model(name: str, settings: Settings) -> ModelSource:
+    """Find a model by name and detect its family, without loading weights."""
+    if is_tiny_model(name):
+        family = "sdxl-refiner" if name.endswith("refiner") else "sdxl"
+        return ModelSource(name, SourceKind.TINY, name, family)
+    tried = _candidates(name, settings.model_root)
+    for path in tried:
+        if path.is_dir():
+            return ModelSource(name, SourceKind.FOLDER, str(path), folder_family(path))
+        if path.is_file():
+            return ModelSource(name, SourceKind.SINGLE_FILE, str(path), single_file_family(path))
+    if _HUB_ID_RE.match(name) and not name.startswith((".", "~")):
+        return ModelSource(name, SourceKind.HUB, name, hub_family(name))
+    root_hint = (
+        f"model root is {settings.model_root}"
+        if settings.model_root
+        else "no model root set (SDWORKER_MODEL_ROOT / SDXL_MODEL_ROOT / MODEL_ROOT)"
+    )
+    raise ModelNotFoundError(
+        f"model {name!r} not found; tried: {', '.join(str(p) for p in tried)} ({root_hint}); "
+        "give a .safetensors/.ckpt file, a diffusers folder, a hub id (org/name) or tiny-sdxl",
+        field="model",
+    )
+
+
+def _family_from_index(index: dict[str, Any], where: str) -> str:
+    class_name = str(index.get("_class_name", ""))
+    family = _PIPELINE_FAMILIES.get(class_name)
+    if family is None:
+        raise ModelLoadError(f"{where}: unsupported pipeline class {class_name!r}", field="model")
+    if family == "sdxl" and index.get("text_encoder", [None])[0] is None:
+        return "sdxl-refiner"  # the refiner has only the second text encoder
+    return family
+
+
+def folder_family(path: Path) -> str:
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise ModelLoadError(
+            f"{path} is a folder without model_index.json, so not a diffusers model folder",
+            field="model",
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{index_path} is not readable JSON: {exc}", field="model") from exc
+    return _family_from_index(index, str(path))
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a single-file checkpoint (safetensors: header only)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # any parse failure means a corrupt or foreign file
+        raise ModelLoadError(
+            f"{path} is not a readable {path.suffix} checkpoint ({type(exc).__name__}: {exc})",
+            field="model",
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} holds no state dict", field="model")
+    return [str(key) for key in state]
+
+
+def family_from_keys(keys: Iterable[str]) -> str | None:
+    """Tell the family of an original-layout (ldm/sgm) checkpoint from its tensor names."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has("model.diffusion_model.joint_blocks."):
+        return "sd3"
+    if not has("model.diffusion_model."):
+        return None
+    if has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        return "sdxl-refiner"
+    if has("cond_stage_model.model."):
+        return "sd21"
+    if has("cond_stage_model.transformer."):
+        return "sd15"
+    return None
+
+
+def single_file_family(path: Path) -> str:
+    keys = checkpoint_keys(path)
+    family = family_from_keys(keys)
+    if family is None:
+        sample = ", ".join(sorted(keys)[:3]) or "none"
+        raise ModelLoadError(
+            f"{path} is not a Stable Diffusion checkpoint in the original layout "
+            f"(no model.diffusion_model.* keys; found e.g. {sample})",
+            field="model",
+        )
+    return family
+
+
+def hub_family(repo_id: str) -> str:
+    """Family from the hub repo's model_index.json (hub cache and HF_HUB_OFFLINE honoured)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index_path = hf_hub_download(repo_id, "model_index.json")
+    except Exception as exc:  # network, auth, offline mode, missing repo
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        why = "not in the local hub cache and HF_HUB_OFFLINE is set" if offline else str(exc)
+        raise ModelLoadError(
+            f"hub model {repo_id!r} could not be fetched: {type(exc).__name__}: {why}",
+            field="model",
+        ) from exc
+    return _family_from_index(json.loads(Path(index_path).read_text()), repo_id)
+
+
+def load_pipeline(source: ModelSource, settings: Settings, dtype: torch.dtype) -> Any:
+    """Load the text-to-image pipeline of a model on the CPU (placement is the caller's)."""
+    if source.family not in SUPPORTED_FAMILIES:
+        raise ModelLoadError(
+            f"model {source.name!r} is a {source.family} model; this version serves "
+            f"{', '.join(SUPPORTED_FAMILIES)}",
+            field="model",
+        )
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        if source.kind is SourceKind.TINY:
+            folder = ensure_tiny_model(source.location, settings.cache_dir)
+            return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype)
+        if source.kind is SourceKind.FOLDER:
+            return StableDiffusionXLPipeline.from_pretrained(source.location, dtype=dtype)
+        if source.kind is SourceKind.SINGLE_FILE:
+            return _load_single_file(StableDiffusionXLPipeline, source, settings, dtype)
+        return StableDiffusionXLPipeline.from_pretrained(source.location, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many types for one cause: unusable weights
+        raise ModelLoadError(
+            f"model {source.name!r} ({source.kind.value} {source.location}) failed to load: "
+            f"{type(exc).__name__}: {exc}",
+            field="model",
+        ) from exc
+
+
+def _load_single_file(
+    pipeline_cls: Any, source: ModelSource, settings: Settings, dtype: torch.dtype
+) -> Any:
+    config_dir = settings.model_config_dir or CONFIGS_DIR / f"{source.family}-base"
+    if not (config_dir / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"config folder {config_dir} has no model_index.json (SDWORKER_MODEL_CONFIG)",
+            field="model",
+        )
+    extra: dict[str, Any] = {}
+    if not (config_dir / "tokenizer").is_dir():
+        extra["tokenizer"], extra["tokenizer_2"] = clip_tokenizers()
+    try:
+        return pipeline_cls.from_single_file(
+            source.location,
+            config=str(config_dir),
+            local_files_only=True,
+            dtype=dtype,
+            **extra,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{source.location} could not be loaded as {source.family} with the configs in "
+            f"{config_dir} ({type(exc).__name__}: {exc}); if the checkpoint's architecture "
+            "differs, point SDWORKER_MODEL_CONFIG at a matching diffusers config folder",
+            field="model",
+        ) from exc

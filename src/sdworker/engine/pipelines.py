@@ -1,0 +1,48 @@
+"""Task -> diffusers pipeline for a loaded model, all sharing one set of components."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sdworker.families import Task
+
+
+class PipelineSet:
+    """The pipelines of one loaded model, one per task, sharing weights.
+
+    img2img and inpaint are made with diffusers' `from_pipe`, which reuses the base
+    pipeline's modules: switching task never loads or copies weights.
+    """
+
+    def __init__(self, base: Any, on_switch: Callable[[Any], None] | None = None) -> None:
+        """`on_switch(pipe)` runs when a different task's pipeline becomes active
+        (model CPU offload keeps its hooks per pipeline, so they must be re-attached)."""
+        self._pipelines: dict[Task, Any] = {Task.TEXT2IMG: base}
+        self._on_switch = on_switch
+        self._active = Task.TEXT2IMG
+
+    @property
+    def base(self) -> Any:
+        return self._pipelines[Task.TEXT2IMG]
+
+    def for_task(self, task: Task) -> Any:
+        pipe = self._pipelines.get(task)
+        if pipe is None:
+            pipe = self._pipelines[task] = self._derive(task)
+        if task is not self._active and self._on_switch is not None:
+            self._on_switch(pipe)
+        self._active = task
+        return pipe
+
+    def _derive(self, task: Task) -> Any:
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        classes = {
+            Task.IMG2IMG: StableDiffusionXLImg2ImgPipeline,
+            Task.INPAINT: StableDiffusionXLInpaintPipeline,
+        }
+        # from_pipe casts to fp32 unless told the dtype, which would upcast shared weights.
+        pipe = classes[task].from_pipe(self.base, dtype=self.base.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,52 @@
+"""Model families: what each architecture can do and its defaults and bounds. No I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Task(str, Enum):
+    """What a job asks the engine to do."""
+
+    TEXT2IMG = "text2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+
+
+@dataclass(frozen=True)
+class FamilyProfile:
+    """Defaults and bounds of one model family; JobSpec validation reads these."""
+
+    name: str
+    tasks: frozenset[Task]
+    default_size: tuple[int, int]
+    min_side: int
+    max_side: int
+    default_steps: int
+    default_guidance: float
+    default_scheduler: str
+
+
+SDXL = FamilyProfile(
+    name="sdxl",
+    tasks=frozenset({Task.TEXT2IMG, Task.IMG2IMG, Task.INPAINT}),
+    default_size=(1024, 1024),
+    min_side=64,
+    max_side=2048,
+    default_steps=30,
+    default_guidance=7.5,
+    default_scheduler="euler",
+)
+
+FAMILIES: dict[str, FamilyProfile] = {SDXL.name: SDXL}
+
+
+def family_profile(name: str) -> FamilyProfile:
+    """The profile of a family by name; KeyError lists the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}"
+        ) from None

@@ -1,0 +1,145 @@
+"""Every setting of sdworker, read from the environment (and a `.env` file).
+
+Each field has the project's own name (`SDWORKER_<FIELD>`) and, where deployments of
+the systems sdworker replaces already set one, that name too (`SDXL_MODEL_ROOT`,
+`CUDA_DTYPE`, ...). When both are set, the `SDWORKER_*` name wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DtypeName = Literal["auto", "fp16", "bf16", "fp32"]
+
+DEFAULT_MODEL = "tiny-sdxl"
+
+
+def _env(name: str, *aliases: str) -> AliasChoices:
+    return AliasChoices(f"SDWORKER_{name}", *aliases)
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sdworker"
+
+
+class Settings(BaseSettings):
+    """Process-wide configuration; build one with `Settings()` in the CLI or app factory."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    model_root: Path | None = Field(
+        default=None,
+        validation_alias=_env("MODEL_ROOT", "SDXL_MODEL_ROOT", "MODEL_ROOT"),
+        description="Folder that holds model checkpoints and diffusers folders.",
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        validation_alias=_env("MODEL", "SDXL_MODEL", "MODEL"),
+        description=(
+            "Default model: a file or folder name under model_root, a path, a Hugging Face "
+            "hub id (org/name) or a built-in tiny model (tiny-sdxl)."
+        ),
+    )
+    model_config_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("MODEL_CONFIG"),
+        description=(
+            "Diffusers-format config folder for single-file checkpoints whose architecture "
+            "differs from the shipped one (defaults to the shipped config of the family)."
+        ),
+    )
+    device: str = Field(
+        default="auto",
+        validation_alias=_env("DEVICE", "CUDA_DEVICE"),
+        description="auto (cuda > mps > cpu), cpu, mps, cuda, cuda:N or a bare GPU index N.",
+    )
+    dtype: DtypeName = Field(
+        default="auto",
+        validation_alias=_env("DTYPE", "CUDA_DTYPE"),
+        description="auto (fp16 on CUDA and MPS, fp32 on CPU), fp16, bf16 or fp32.",
+    )
+    enable_xformers: bool = Field(
+        default=False,
+        validation_alias=_env("ENABLE_XFORMERS", "CUDA_ENABLE_XFORMERS"),
+        description="Use xformers attention when installed (PyTorch SDPA otherwise).",
+    )
+    attention_slicing: bool = Field(
+        default=False,
+        validation_alias=_env("ATTENTION_SLICING", "CUDA_ATTENTION_SLICING"),
+        description="Compute attention in slices: less memory, slower.",
+    )
+    vae_slicing: bool = Field(
+        default=False,
+        validation_alias=_env("VAE_SLICING"),
+        description="Decode a batch one image at a time.",
+    )
+    vae_tiling: bool = Field(
+        default=False,
+        validation_alias=_env("VAE_TILING"),
+        description="Decode large images in tiles (bounded memory for very large sizes).",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        validation_alias=_env("CPU_OFFLOAD"),
+        description="Keep models in host memory and move each to the GPU only while it runs.",
+    )
+    compile_unet: bool = Field(
+        default=False,
+        validation_alias=_env("COMPILE_UNET"),
+        description="torch.compile the UNet (slow first job, faster after).",
+    )
+    max_num_images: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        validation_alias=_env("MAX_NUM_IMAGES"),
+        description="Most images one job may ask for.",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        validation_alias=_env("CACHE_DIR"),
+        description="Where built-in tiny models are built and cached.",
+    )
+    fetch_max_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        validation_alias=_env("FETCH_MAX_BYTES"),
+        description="Largest input image (URL or base64) accepted, in bytes.",
+    )
+    fetch_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        validation_alias=_env("FETCH_TIMEOUT_S"),
+        description="Timeout for downloading an input image URL.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _normalise_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        # CUDA_DEVICE of the replaced worker is often a bare index ("0").
+        if value.isdigit():
+            return f"cuda:{value}"
+        valid = value in {"auto", "cpu", "mps", "cuda"} or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        )
+        if not valid:
+            raise ValueError(
+                f"device must be auto, cpu, mps, cuda, cuda:N or N, not {value!r}"
+            )
+        return value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _normalise_dtype(cls, value: object) -> object:
+        aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return aliases.get(lowered, lowered)
+        return value
