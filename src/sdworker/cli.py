@@ -78,7 +78,9 @@ def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
         return [Path("outputs") / f"{stamp}-{seed}.png" for seed in seeds]
     if len(seeds) == 1:
         return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(len(seeds))]
+    return [
+        output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(len(seeds))
+    ]
 
 
 @app.command()
@@ -88,51 +90,76 @@ def generate(
         str | None, typer.Option("--negative", "-n", help="What to avoid (negative prompt).")
     ] = None,
     size: Annotated[
-        str | None, typer.Option("--size", "-s", help="WIDTHxHEIGHT, multiples of 8 [default: model's, 1024x1024 for SDXL].")
+        str | None,
+        typer.Option(
+            "--size",
+            "-s",
+            help="WIDTHxHEIGHT, multiples of 8 [default: model's, 1024x1024 for SDXL].",
+        ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps, 1-150 [default: 30].")] = None,
     guidance: Annotated[
-        float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale, 0-30 [default: 7.5].")
+        float | None,
+        typer.Option(
+            "--guidance", "-g", help="Classifier-free guidance scale, 0-30 [default: 7.5]."
+        ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="0 to 2^32-1; image i uses seed+i [default: random, printed].")
+        int | None,
+        typer.Option(help="0 to 2^32-1; image i uses seed+i [default: random, printed]."),
     ] = None,
     scheduler: Annotated[
-        str | None, typer.Option(help="Sampler name or alias; see `sdworker schedulers` [default: euler].")
+        str | None,
+        typer.Option(help="Sampler name or alias; see `sdworker schedulers` [default: euler]."),
     ] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-b", help="Images in one batch.")] = 1,
     image: Annotated[
-        str | None, typer.Option("--image", "-i", help="Init image (path or URL): makes this img2img.")
+        str | None,
+        typer.Option("--image", "-i", help="Init image (path or URL): makes this img2img."),
     ] = None,
     strength: Annotated[
-        float | None, typer.Option(help="img2img/inpaint denoise strength 0-1 [default: 0.75 / 1.0].")
+        float | None,
+        typer.Option(help="img2img/inpaint denoise strength 0-1 [default: 0.75 / 1.0]."),
     ] = None,
     mask: Annotated[
-        str | None, typer.Option("--mask", "-m", help="Inpaint mask, white = repaint (needs --image).")
+        str | None,
+        typer.Option("--mask", "-m", help="Inpaint mask, white = repaint (needs --image)."),
     ] = None,
     exact_copy: Annotated[
-        bool, typer.Option("--exact-copy", help="Near-identical copy of --image (strength <= 0.05).")
+        bool,
+        typer.Option("--exact-copy", help="Near-identical copy of --image (strength <= 0.05)."),
     ] = False,
     resize_mode: Annotated[
         ResizeMode, typer.Option(help="How --image/--mask are fitted to --size.")
     ] = ResizeMode.CROP,
     model: Annotated[
-        str | None, typer.Option(help="Checkpoint file, diffusers folder, hub id or tiny-sdxl [default: SDWORKER_MODEL].")
+        str | None,
+        typer.Option(
+            help="Checkpoint file, diffusers folder, hub id or tiny-sdxl [default: SDWORKER_MODEL]."
+        ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="PNG path; NAME-i.png for several images [default: ./outputs/TIME-SEED.png].")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="PNG path; NAME-i.png for several images [default: ./outputs/TIME-SEED.png].",
+        ),
     ] = None,
     save_latents: Annotated[
-        Path | None, typer.Option(help="Also write the final latents as raw float16 NCHW bytes here.")
+        Path | None,
+        typer.Option(help="Also write the final latents as raw float16 NCHW bytes here."),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto, cpu, mps, cuda or cuda:N [default: SDWORKER_DEVICE or auto].")
+        str | None,
+        typer.Option(help="auto, cpu, mps, cuda or cuda:N [default: SDWORKER_DEVICE or auto]."),
     ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="fp16, bf16 or fp32 [default: fp16 on GPU, fp32 on CPU].")
     ] = None,
 ) -> None:
-    """Generate images from a prompt (text2img), an init image (img2img) or image + mask (inpaint)."""
+    """Generate images: from a prompt (text2img), an init image (img2img) or image + mask
+    (inpaint)."""
     settings = _settings(device=device, dtype=dtype)
     with _user_errors():
         spec = JobSpec(

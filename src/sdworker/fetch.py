@@ -47,26 +47,54 @@ def _read_base64(text: str, field: str) -> bytes:
         ) from exc
 
 
+# Leading bytes of the formats Pillow is asked to read; used to tell base64 image data
+# from a path that happens to be valid base64 too ("/srv/img/cat1").
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _existing_file(ref: str) -> Path | None:
+    if len(ref) > 4096:
+        return None
+    try:
+        path = Path(ref).expanduser()
+        return path if path.is_file() else None
+    except (OSError, ValueError):  # e.g. a long base64 string is "File name too long"
+        return None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return len(ref) < 4096 and (
+        ref.startswith(("/", "./", "../", "~"))
+        or ref.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+    )
+
+
 def read_image_bytes(ref: str, *, field: str, max_bytes: int, timeout_s: float) -> bytes:
     """The raw bytes an image reference points at, capped at max_bytes."""
     ref = ref.strip()
     if ref.startswith(("http://", "https://")):
         return _read_url(ref, field, max_bytes, timeout_s)
-    if ref.startswith("data:"):
-        _, _, payload = ref.partition(",")
-        data = _read_base64(payload, field)
-    elif len(ref) < 4096 and Path(ref).expanduser().is_file():
-        path = Path(ref).expanduser()
+    path = _existing_file(ref)
+    if path is not None:
         if path.stat().st_size > max_bytes:
             raise InputImageError(f"{field}: {path} is larger than {max_bytes} bytes", field=field)
         return path.read_bytes()
+    if ref.startswith("data:"):
+        data = _read_base64(ref.partition(",")[2], field)
     else:
         try:
             data = _read_base64(ref, field)
         except InputImageError:
-            if len(ref) < 4096 and ("/" in ref or "." in ref):
-                raise InputImageError(f"{field}: file {ref} does not exist", field=field) from None
-            raise
+            data = b""
+        if not data.startswith(_IMAGE_SIGNATURES):
+            if _looks_like_path(ref):
+                raise InputImageError(f"{field}: file {ref} does not exist", field=field)
+            if not data:
+                raise InputImageError(
+                    f"{field}: not an existing file, an http(s) URL, a data URI or base64 "
+                    "image data",
+                    field=field,
+                )
     if len(data) > max_bytes:
         raise InputImageError(f"{field}: image is larger than {max_bytes} bytes", field=field)
     return data

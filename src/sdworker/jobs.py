@@ -113,7 +113,7 @@ class GenerationMode(str, Enum):
     INPAINT = "inpaint"
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7*]\s*(\d+)\s*$")  # x, X, multiplication sign, *
 
 
 class JobSpec(BaseModel):
@@ -156,7 +156,12 @@ class JobSpec(BaseModel):
             if not match:
                 raise ValueError(f'size must look like "1024x1024", not {self.size!r}')
             width, height = int(match[1]), int(match[2])
-            for name, given, parsed in (("width", self.width, width), ("height", self.height, height)):
+            if width < 1 or height < 1:
+                raise ValueError(f"size {self.size!r}: width and height must be positive")
+            for name, given, parsed in (
+                ("width", self.width, width),
+                ("height", self.height, height),
+            ):
                 if given is not None and given != parsed:
                     raise ValueError(f"size {self.size!r} disagrees with {name}={given}")
             self.width, self.height = width, height
@@ -207,7 +212,9 @@ def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
         task = Task.INPAINT if spec.mask else Task.IMG2IMG if spec.image else Task.TEXT2IMG
     if task not in family.tasks:
         allowed = ", ".join(sorted(t.value for t in family.tasks))
-        raise _invalid("task", f"{task.value} is not supported by {family.name}; allowed: {allowed}")
+        raise _invalid(
+            "task", f"{task.value} is not supported by {family.name}; allowed: {allowed}"
+        )
     if task in (Task.IMG2IMG, Task.INPAINT) and not spec.image:
         raise _invalid("image", f"{task.value} needs an input image")
     if task is Task.INPAINT and not spec.mask:
@@ -220,8 +227,8 @@ def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
 
 
 def _resolve_size(spec: JobSpec, family: FamilyProfile) -> tuple[int, int]:
-    width = spec.width or family.default_size[0]
-    height = spec.height or family.default_size[1]
+    width = spec.width if spec.width is not None else family.default_size[0]
+    height = spec.height if spec.height is not None else family.default_size[1]
     for name, value in (("width", width), ("height", height)):
         if value % 8 or not family.min_side <= value <= family.max_side:
             raise _invalid(
@@ -243,9 +250,7 @@ def _exact_copy_steps(strength: float) -> tuple[int, int]:
     return denoise, total
 
 
-def plan_generation(
-    spec: JobSpec, family: FamilyProfile, *, max_num_images: int
-) -> GenerationPlan:
+def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int) -> GenerationPlan:
     """Resolve defaults, img2img modes and family bounds; raise InvalidJobError on misuse."""
     task = _resolve_task(spec, family)
     width, height = _resolve_size(spec, family)
@@ -268,7 +273,9 @@ def plan_generation(
         elif strength is not None and spec.reference_strength is not None:
             warnings.append("both strength and reference_strength given; strength was used")
         if strength is None:
-            strength = DEFAULT_INPAINT_STRENGTH if task is Task.INPAINT else DEFAULT_IMG2IMG_STRENGTH
+            strength = (
+                DEFAULT_INPAINT_STRENGTH if task is Task.INPAINT else DEFAULT_IMG2IMG_STRENGTH
+            )
 
     denoise_steps = steps
     if spec.exact_copy_mode:
@@ -323,4 +330,3 @@ def describe_validation_error(exc: ValidationError) -> str:
             message += f" (got {error.get('input')!r})"
         lines.append(f"{where}: {message}" if where else message)
     return "; ".join(lines)
-

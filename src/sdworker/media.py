@@ -13,9 +13,7 @@ from sdworker.jobs import ResizeMode
 PARAMETERS_CHUNK = "parameters"  # the PNG text key AUTOMATIC1111 and its readers use
 
 
-def a1111_parameters(
-    prompt: str, negative_prompt: str | None, fields: Mapping[str, object]
-) -> str:
+def a1111_parameters(prompt: str, negative_prompt: str | None, fields: Mapping[str, object]) -> str:
     """Generation parameters in AUTOMATIC1111's text format, readable by its PNG Info tab."""
     lines = [prompt]
     if negative_prompt:

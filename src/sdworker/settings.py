@@ -130,9 +130,7 @@ class Settings(BaseSettings):
             value.startswith("cuda:") and value[5:].isdigit()
         )
         if not valid:
-            raise ValueError(
-                f"device must be auto, cpu, mps, cuda, cuda:N or N, not {value!r}"
-            )
+            raise ValueError(f"device must be auto, cpu, mps, cuda, cuda:N or N, not {value!r}")
         return value
 
     @field_validator("dtype", mode="before")

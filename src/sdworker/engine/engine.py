@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -187,11 +188,17 @@ class Engine:
     def _prepare_inputs(self, plan: GenerationPlan) -> dict[str, Image.Image]:
         if plan.task is Task.TEXT2IMG or plan.image is None:
             return {}
-        limits = {"max_bytes": self._settings.fetch_max_bytes, "timeout_s": self._settings.fetch_timeout_s}
-        image = load_image(plan.image, field="image", **limits)
-        inputs = {"image": fit_to_size(image.convert("RGB"), plan.width, plan.height, plan.resize_mode)}
+        fetch = partial(
+            load_image,
+            max_bytes=self._settings.fetch_max_bytes,
+            timeout_s=self._settings.fetch_timeout_s,
+        )
+        image = fetch(plan.image, field="image")
+        inputs = {
+            "image": fit_to_size(image.convert("RGB"), plan.width, plan.height, plan.resize_mode)
+        }
         if plan.task is Task.INPAINT and plan.mask is not None:
-            mask = load_image(plan.mask, field="mask", **limits)
+            mask = fetch(plan.mask, field="mask")
             if mask.size != image.size:
                 raise InputImageError(
                     f"mask: is {mask.size[0]}x{mask.size[1]} but the image is "

@@ -72,7 +72,9 @@ def apply_pipeline_options(pipe: Any, settings: Settings, device: torch.device) 
         pipe.vae.enable_slicing()
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
-    if settings.compile_unet and not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
+    if settings.compile_unet and not isinstance(
+        pipe.unet, torch._dynamo.eval_frame.OptimizedModule
+    ):
         pipe.unet = torch.compile(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     for warning in warnings:

@@ -65,16 +65,19 @@ SCHEDULERS: tuple[SchedulerChoice, ...] = (
     SchedulerChoice("lcm", "LCM", "LCMScheduler"),
 )
 
+
 def normalise_key(name: str) -> str:
     """Fold case, spaces, hyphens and '++' so 'DPM++ 2M Karras' == 'dpmpp_2m_karras'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower().replace("++", "pp")).strip("_")
 
 
-_BY_KEY: dict[str, SchedulerChoice] = {
-    normalise_key(key): choice
-    for choice in SCHEDULERS
-    for key in (choice.name, choice.label, choice.class_name, *choice.aliases)
-}
+# A diffusers class name means its first (default-config) entry, e.g. DPM++ 2M, not Karras.
+_BY_KEY: dict[str, SchedulerChoice] = {}
+for _choice in reversed(SCHEDULERS):
+    _BY_KEY[normalise_key(_choice.class_name)] = _choice
+for _choice in SCHEDULERS:
+    for _key in (_choice.name, _choice.label, *_choice.aliases):
+        _BY_KEY[normalise_key(_key)] = _choice
 
 
 class UnknownSchedulerError(ValueError):
@@ -97,9 +100,7 @@ def find_scheduler(name: str) -> SchedulerChoice:
     return choice
 
 
-def build_scheduler(
-    choice: SchedulerChoice, base_config: Any, seeds: list[int]
-) -> SchedulerMixin:
+def build_scheduler(choice: SchedulerChoice, base_config: Any, seeds: list[int]) -> SchedulerMixin:
     """A fresh scheduler from the model's own scheduler config plus the choice's overrides.
 
     A fresh instance per job: schedulers hold per-run state and are not thread-safe.

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 
 # Bump when the architecture or seeding below changes: the cache folder is keyed by it.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_MODELS = ("tiny-sdxl", "tiny-sdxl-refiner")
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "configs" / "clip-tokenizer"
 
 _TIME_EMBED_DIM = 8
+# The two encoders must differ in width, as CLIP-L (768) and OpenCLIP bigG (1280) do:
+# diffusers' single-file loader tells them apart by it.
 _TEXT_HIDDEN = 32
+_TEXT_2_HIDDEN = 64
 
 
 def is_tiny_model(name: str) -> bool:
@@ -40,14 +43,15 @@ def clip_tokenizers() -> tuple[Any, Any]:
 def _text_encoder(with_projection: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    hidden = _TEXT_2_HIDDEN if with_projection else _TEXT_HIDDEN
     config = CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=37,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=_TEXT_HIDDEN,
+        projection_dim=hidden,
         hidden_act="gelu" if with_projection else "quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
@@ -73,11 +77,11 @@ def _unet(refiner: bool) -> Any:
         layers_per_block=1,
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 2, 4),
-        cross_attention_dim=_TEXT_HIDDEN if refiner else 2 * _TEXT_HIDDEN,
+        cross_attention_dim=_TEXT_2_HIDDEN if refiner else _TEXT_HIDDEN + _TEXT_2_HIDDEN,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED_DIM + _TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED_DIM + _TEXT_2_HIDDEN,
         norm_num_groups=32,
     ).eval()
 
