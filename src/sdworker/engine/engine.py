@@ -22,7 +22,7 @@ from sdworker.engine.runtime import (
     select_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
-from sdworker.families import Task, family_profile
+from sdworker.families import FAMILIES, Task, family_profile
 from sdworker.fetch import load_image
 from sdworker.jobs import (
     GenerationPlan,
@@ -118,8 +118,8 @@ class Engine:
             profile = family_profile(source.family)
         except KeyError as exc:
             raise ModelLoadError(
-                f"model {source.name!r} is a {source.family} model, which this version "
-                "does not serve yet",
+                f"model {source.name!r} is a {source.family} model; this version serves "
+                f"{', '.join(sorted(FAMILIES))} models",
                 field="model",
             ) from exc
         return plan_generation(spec, profile, max_num_images=self._settings.max_num_images)

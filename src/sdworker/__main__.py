@@ -1,0 +1,5 @@
+"""`python -m sdworker` runs the command line."""
+
+from sdworker.cli import main
+
+main()
