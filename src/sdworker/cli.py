@@ -27,8 +27,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-stdout = Console()
+console = Console(stderr=True, soft_wrap=True)
+stdout = Console(soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

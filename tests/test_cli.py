@@ -1,0 +1,153 @@
+"""The command line as a user meets it: outputs, one-line errors, help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdworker.cli import app
+from tests.conftest import gradient_image, half_mask
+
+
+@pytest.fixture
+def run(cache_dir: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SDWORKER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("SDWORKER_DEVICE", "cpu")
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(app, list(args))
+
+    return invoke
+
+
+def test_generate_writes_pngs_with_parameters_and_prints_seeds(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("generate", "a red barn", "-n", "fog", "--size", "64x64", "--steps", "2",
+                 "--seed", "41", "-b", "2", "--scheduler", "K_EULER_ANCESTRAL", "-o", "barn.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for index, seed in enumerate((41, 42)):
+        path = tmp_path / f"barn-{index}.png"
+        assert f"{path.name}  seed={seed}" in result.stdout
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            parameters = image.text["parameters"]
+        assert parameters.startswith("a red barn\nNegative prompt: fog\n")
+        assert (
+            f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: {seed}, Size: 64x64" in parameters
+        )
+    assert "2 image(s) in" in result.stdout
+
+
+def test_default_output_goes_to_the_outputs_folder(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("generate", "x", "--size", "64x64", "--steps", "1", "--seed", "5")
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "outputs").glob("*-5.png")
+    assert written.name in result.stdout
+
+
+def test_img2img_and_inpaint_from_the_command_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gradient_image().save(tmp_path / "init.png")
+    half_mask().save(tmp_path / "mask.png")
+    img2img = run("generate", "x", "--image", "init.png", "--strength", "0.5", "--size", "64x64",
+                  "--steps", "4", "--seed", "1", "-o", "a.png")  # fmt: skip
+    assert img2img.exit_code == 0, img2img.output
+    inpaint = run("generate", "x", "--image", "init.png", "--mask", "mask.png", "--size", "64x64",
+                  "--steps", "2", "--seed", "1", "-o", "b.png")  # fmt: skip
+    assert inpaint.exit_code == 0, inpaint.output
+    assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
+
+
+def test_save_latents_writes_float16_nchw(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("generate", "x", "--size", "64x128", "--steps", "1", "--seed", "1", "-o", "l.png",
+                 "--save-latents", "l.bin")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "shape=[1, 4, 16, 8] float16" in result.stdout
+    data = np.fromfile(tmp_path / "l.bin", dtype=np.float16)
+    assert data.size == 4 * 16 * 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--size", "500x512"],
+            "width: 500 is not allowed for sdxl: use a multiple of 8 from 64 to 2048",
+        ),
+        (["--size", "4096x1024"], "width: 4096 is not allowed"),
+        (["--scheduler", "warp"], "scheduler: unknown scheduler 'warp'; valid: ddim, ddpm"),
+        (["--model", "missing.safetensors"], "model 'missing.safetensors' not found; tried:"),
+        (["--mask", "mask.png"], "image: inpaint needs an input image"),
+        (["--image", "nope.png"], "image: file nope.png does not exist"),
+        (["--steps", "0"], "steps: Input should be greater than or equal to 1"),
+        (["--guidance", "31"], "guidance_scale: Input should be less than or equal to 30"),
+        (["-b", "9"], "num_images: 9 is over the limit of 8"),
+        (["--seed", "4294967296"], "seed: Input should be less than or equal to 4294967295"),
+        (
+            ["--image", "init.png", "--strength", "1.5"],
+            "strength: Input should be less than or equal to 1",
+        ),
+        (["--device", "tpu"], "device must be auto, cpu, mps, cuda, cuda:N or N"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(
+    run,
+    tmp_path: Path,
+    args: list[str],
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    gradient_image().save(tmp_path / "init.png")
+    result = run("generate", "x", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_one_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    result = run("generate", "x", "--model", "bad.safetensors")
+    assert result.exit_code == 2
+    assert "bad.safetensors is not a readable .safetensors checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_mask_of_another_size_is_one_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gradient_image(64, 64).save(tmp_path / "i.png")
+    half_mask(32, 32).save(tmp_path / "m.png")
+    result = run(
+        "generate", "x", "--image", "i.png", "--mask", "m.png", "--size", "64x64", "--steps", "2"
+    )
+    assert result.exit_code == 2
+    assert "mask: is 32x32 but the image is 64x64" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_help_explains_every_option(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("generate", "--help")
+    assert result.exit_code == 0
+    for option in ("--negative", "--size", "--steps", "--guidance", "--seed", "--scheduler",
+                   "--num-images", "--image", "--strength", "--mask", "--model", "--output"):  # fmt: skip
+        assert option in result.stdout
+
+
+def test_schedulers_lists_names_and_aliases(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("schedulers")
+    assert result.exit_code == 0
+    for text in ("dpmpp_2m_karras", "K_EULER_ANCESTRAL".lower(), "klms", "LCMScheduler"):
+        assert text in result.stdout
+
+
+def test_models_lists_tiny_and_models_under_the_root(
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    monkeypatch.setenv("SDXL_MODEL_ROOT", str(tmp_path))
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    assert "tiny-sdxl" in result.stdout
+    assert "junk.safetensors" in result.stdout and "unusable" in result.stdout
+    assert str(tmp_path) in result.stdout
