@@ -13,9 +13,15 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 for _name in list(os.environ):
     if _name.startswith("SDWORKER_") or _name in {
-        "SDXL_MODEL_ROOT", "MODEL_ROOT", "SDXL_MODEL", "MODEL", "CUDA_DTYPE", "CUDA_DEVICE",
-        "CUDA_ENABLE_XFORMERS", "CUDA_ATTENTION_SLICING",
-    }:  # fmt: skip
+        "SDXL_MODEL_ROOT",
+        "MODEL_ROOT",
+        "SDXL_MODEL",
+        "MODEL",
+        "CUDA_DTYPE",
+        "CUDA_DEVICE",
+        "CUDA_ENABLE_XFORMERS",
+        "CUDA_ATTENTION_SLICING",
+    }:
         del os.environ[_name]
 
 

@@ -26,8 +26,24 @@ def run(cache_dir: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_generate_writes_pngs_with_parameters_and_prints_seeds(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    result = run("generate", "a red barn", "-n", "fog", "--size", "64x64", "--steps", "2",
-                 "--seed", "41", "-b", "2", "--scheduler", "K_EULER_ANCESTRAL", "-o", "barn.png")  # fmt: skip
+    result = run(
+        "generate",
+        "a red barn",
+        "-n",
+        "fog",
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--seed",
+        "41",
+        "-b",
+        "2",
+        "--scheduler",
+        "K_EULER_ANCESTRAL",
+        "-o",
+        "barn.png",
+    )
     assert result.exit_code == 0, result.output
     for index, seed in enumerate((41, 42)):
         path = tmp_path / f"barn-{index}.png"
@@ -52,18 +68,58 @@ def test_default_output_goes_to_the_outputs_folder(run, tmp_path: Path) -> None:
 def test_img2img_and_inpaint_from_the_command_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     gradient_image().save(tmp_path / "init.png")
     half_mask().save(tmp_path / "mask.png")
-    img2img = run("generate", "x", "--image", "init.png", "--strength", "0.5", "--size", "64x64",
-                  "--steps", "4", "--seed", "1", "-o", "a.png")  # fmt: skip
+    img2img = run(
+        "generate",
+        "x",
+        "--image",
+        "init.png",
+        "--strength",
+        "0.5",
+        "--size",
+        "64x64",
+        "--steps",
+        "4",
+        "--seed",
+        "1",
+        "-o",
+        "a.png",
+    )
     assert img2img.exit_code == 0, img2img.output
-    inpaint = run("generate", "x", "--image", "init.png", "--mask", "mask.png", "--size", "64x64",
-                  "--steps", "2", "--seed", "1", "-o", "b.png")  # fmt: skip
+    inpaint = run(
+        "generate",
+        "x",
+        "--image",
+        "init.png",
+        "--mask",
+        "mask.png",
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "-o",
+        "b.png",
+    )
     assert inpaint.exit_code == 0, inpaint.output
     assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
 
 
 def test_save_latents_writes_float16_nchw(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    result = run("generate", "x", "--size", "64x128", "--steps", "1", "--seed", "1", "-o", "l.png",
-                 "--save-latents", "l.bin")  # fmt: skip
+    result = run(
+        "generate",
+        "x",
+        "--size",
+        "64x128",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "-o",
+        "l.png",
+        "--save-latents",
+        "l.bin",
+    )
     assert result.exit_code == 0, result.output
     assert "shape=[1, 4, 16, 8] float16" in result.stdout
     data = np.fromfile(tmp_path / "l.bin", dtype=np.float16)
@@ -129,8 +185,20 @@ def test_mask_of_another_size_is_one_line(run, tmp_path: Path) -> None:  # type:
 def test_help_explains_every_option(run) -> None:  # type: ignore[no-untyped-def]
     result = run("generate", "--help")
     assert result.exit_code == 0
-    for option in ("--negative", "--size", "--steps", "--guidance", "--seed", "--scheduler",
-                   "--num-images", "--image", "--strength", "--mask", "--model", "--output"):  # fmt: skip
+    for option in (
+        "--negative",
+        "--size",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--scheduler",
+        "--num-images",
+        "--image",
+        "--strength",
+        "--mask",
+        "--model",
+        "--output",
+    ):
         assert option in result.stdout
 
 

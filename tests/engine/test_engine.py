@@ -178,10 +178,17 @@ def test_device_and_dtype_on_cpu(engine: Engine) -> None:
 
 
 def test_memory_switches_are_applied(settings: Settings) -> None:
-    switched = Engine(settings.model_copy(update={
-        "attention_slicing": True, "vae_slicing": True, "vae_tiling": True,
-        "enable_xformers": True, "compile_unet": True,
-    }))  # fmt: skip
+    switched = Engine(
+        settings.model_copy(
+            update={
+                "attention_slicing": True,
+                "vae_slicing": True,
+                "vae_tiling": True,
+                "enable_xformers": True,
+                "compile_unet": True,
+            }
+        )
+    )
     loaded = switched.load()
     pipe = loaded.pipelines.base
     assert pipe.vae.use_slicing and pipe.vae.use_tiling

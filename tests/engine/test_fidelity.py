@@ -83,15 +83,27 @@ def test_text2img_matches_diffusers_for_every_scheduler(
     engine: Any, reference: dict[str, Any], scheduler: str
 ) -> None:
     spec = JobSpec(
-        prompt="a red fox in snow", negative_prompt="blurry", size=f"{SIZE}x{SIZE}",
-        steps=STEPS, guidance_scale=6.0, seed=1234, num_images=2, scheduler=scheduler,
-    )  # fmt: skip
+        prompt="a red fox in snow",
+        negative_prompt="blurry",
+        size=f"{SIZE}x{SIZE}",
+        steps=STEPS,
+        guidance_scale=6.0,
+        seed=1234,
+        num_images=2,
+        scheduler=scheduler,
+    )
     ours = engine.run(spec)
     theirs = _reference_images(
-        reference["text2img"], scheduler, [1234, 1235], prompt="a red fox in snow",
-        negative_prompt="blurry", width=SIZE, height=SIZE, num_inference_steps=STEPS,
+        reference["text2img"],
+        scheduler,
+        [1234, 1235],
+        prompt="a red fox in snow",
+        negative_prompt="blurry",
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=STEPS,
         guidance_scale=6.0,
-    )  # fmt: skip
+    )
     _assert_same(ours, theirs)
 
 
@@ -99,14 +111,26 @@ def test_img2img_matches_diffusers(engine: Any, reference: dict[str, Any], tmp_p
     init = gradient_image(SIZE, SIZE)
     init.save(tmp_path / "init.png")
     spec = JobSpec(
-        prompt="oil painting", image=str(tmp_path / "init.png"), strength=0.6,
-        size=f"{SIZE}x{SIZE}", steps=5, guidance_scale=5.0, seed=7, num_images=2,
-    )  # fmt: skip
+        prompt="oil painting",
+        image=str(tmp_path / "init.png"),
+        strength=0.6,
+        size=f"{SIZE}x{SIZE}",
+        steps=5,
+        guidance_scale=5.0,
+        seed=7,
+        num_images=2,
+    )
     ours = engine.run(spec)
     theirs = _reference_images(
-        reference["img2img"], "euler", [7, 8], prompt="oil painting", image=init,
-        strength=0.6, num_inference_steps=5, guidance_scale=5.0,
-    )  # fmt: skip
+        reference["img2img"],
+        "euler",
+        [7, 8],
+        prompt="oil painting",
+        image=init,
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=5.0,
+    )
     _assert_same(ours, theirs)
 
 
@@ -115,14 +139,29 @@ def test_inpaint_matches_diffusers(engine: Any, reference: dict[str, Any], tmp_p
     init.save(tmp_path / "init.png")
     mask.save(tmp_path / "mask.png")
     spec = JobSpec(
-        prompt="a cat", image=str(tmp_path / "init.png"), mask=str(tmp_path / "mask.png"),
-        size=f"{SIZE}x{SIZE}", steps=4, guidance_scale=7.0, seed=99, scheduler="dpmpp_2m",
-    )  # fmt: skip
+        prompt="a cat",
+        image=str(tmp_path / "init.png"),
+        mask=str(tmp_path / "mask.png"),
+        size=f"{SIZE}x{SIZE}",
+        steps=4,
+        guidance_scale=7.0,
+        seed=99,
+        scheduler="dpmpp_2m",
+    )
     ours = engine.run(spec)
     theirs = _reference_images(
-        reference["inpaint"], "dpmpp_2m", [99], prompt="a cat", image=init, mask_image=mask,
-        width=SIZE, height=SIZE, strength=1.0, num_inference_steps=4, guidance_scale=7.0,
-    )  # fmt: skip
+        reference["inpaint"],
+        "dpmpp_2m",
+        [99],
+        prompt="a cat",
+        image=init,
+        mask_image=mask,
+        width=SIZE,
+        height=SIZE,
+        strength=1.0,
+        num_inference_steps=4,
+        guidance_scale=7.0,
+    )
     _assert_same(ours, theirs)
 
 

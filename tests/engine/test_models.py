@@ -110,37 +110,33 @@ def test_missing_model_lists_the_paths_tried(settings: Settings, tmp_path: Path)
 def test_corrupt_safetensors_is_reported(settings: Settings, tmp_path: Path) -> None:
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with pytest.raises(ModelLoadError, match="not a readable .safetensors checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"not a readable .safetensors checkpoint"):
         resolve_model(str(bad), settings)
 
 
 def test_corrupt_ckpt_is_reported(settings: Settings, tmp_path: Path) -> None:
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated zip")
-    with pytest.raises(ModelLoadError, match="not a readable .ckpt checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"not a readable .ckpt checkpoint"):
         resolve_model(str(bad), settings)
 
 
 def test_non_stable_diffusion_checkpoint_is_reported(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "classifier.safetensors"
     save_file({"fc.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint.*fc.weight"):
+    with pytest.raises(ModelLoadError, match=r"not a Stable Diffusion checkpoint.*fc.weight"):
         resolve_model(str(path), settings)
 
 
 def test_other_family_is_refused_with_what_is_served(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "sd15.safetensors"
+    clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
     save_file(
-        {
-            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(
-                1
-            ),
-        },
+        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), clip: torch.zeros(1)},
         str(path),
     )
     engine = Engine(settings.model_copy(update={"model": str(path)}))
-    with pytest.raises(ModelLoadError, match="sd15 model.*sdxl"):
+    with pytest.raises(ModelLoadError, match=r"sd15 model.*sdxl"):
         engine.run(JobSpec(prompt="x"))
 
 
@@ -149,18 +145,18 @@ def test_checkpoint_with_another_architecture_names_the_config_setting(
 ) -> None:
     path = save_single_file(tiny_pipeline, tmp_path / "tiny.safetensors")
     engine = Engine(settings.model_copy(update={"model": str(path)}))  # shipped full-size configs
-    with pytest.raises(ModelLoadError, match="SDWORKER_MODEL_CONFIG"):
+    with pytest.raises(ModelLoadError, match=r"SDWORKER_MODEL_CONFIG"):
         engine.load()
 
 
 def test_folder_without_model_index_is_reported(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="without model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"without model_index.json"):
         resolve_model(str(tmp_path / "empty"), settings)
 
 
 def test_hub_id_offline_and_not_cached_names_the_id(settings: Settings) -> None:
-    with pytest.raises(ModelLoadError, match="hub model 'nobody/not-cached'.*HF_HUB_OFFLINE"):
+    with pytest.raises(ModelLoadError, match=r"hub model 'nobody/not-cached'.*HF_HUB_OFFLINE"):
         resolve_model("nobody/not-cached", settings)
 
 
@@ -194,7 +190,10 @@ def test_hub_id_is_served_from_the_local_hub_cache(tiny_folder: Path, tmp_path: 
     command = [sys.executable, "-m", "sdworker", "generate", "x", "--model", "acme/tiny-sdxl"]
     done = subprocess.run(
         [*command, "--size", "64x64", "--steps", "2", "--seed", "3", "-o", str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     assert out.is_file() and "seed=3" in done.stdout
