@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdworker.errors import InputImageError
 from sdworker.fetch import decode_image, load_image, read_image_bytes
-from sdworker.jobs import InputImageError
 
 MAX = 1024 * 1024
 TIMEOUT = 5.0

@@ -7,17 +7,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sdworker import jobs
+from sdworker import planning
 from sdworker.engine.schedulers import scheduler_names
+from sdworker.errors import InvalidJobError
 from sdworker.families import SDXL, Task
-from sdworker.jobs import (
-    SEED_MAX,
-    GenerationMode,
-    InvalidJobError,
-    JobSpec,
-    describe_validation_error,
-    plan_generation,
-)
+from sdworker.jobs import SEED_MAX, JobSpec, describe_validation_error
+from sdworker.planning import GenerationMode, plan_generation
 
 IMG = "input.png"
 MASK = "mask.png"
@@ -30,7 +25,7 @@ def spec_error(**kwargs: Any) -> str:
     return describe_validation_error(info.value)
 
 
-def plan(max_num_images: int = 8, **kwargs: Any) -> jobs.GenerationPlan:
+def plan(max_num_images: int = 8, **kwargs: Any) -> planning.GenerationPlan:
     return plan_generation(JobSpec(**kwargs), SDXL, max_num_images=max_num_images)
 
 
@@ -274,7 +269,7 @@ def test_plan_random_seed_when_none(monkeypatch: pytest.MonkeyPatch) -> None:
         bounds.append(upper)
         return 123456
 
-    monkeypatch.setattr(jobs.secrets, "randbelow", fake_randbelow)
+    monkeypatch.setattr(planning.secrets, "randbelow", fake_randbelow)
     result = plan(num_images=3)
     assert bounds == [2**32]  # draws from the whole valid seed range
     assert result.seeds == [123456, 123457, 123458]

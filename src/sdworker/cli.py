@@ -18,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sdworker.engine.schedulers import SCHEDULERS
-from sdworker.jobs import JobSpec, ResizeMode, SdworkerError, describe_validation_error
+from sdworker.errors import SdworkerError
+from sdworker.jobs import JobSpec, ResizeMode, describe_validation_error
 from sdworker.settings import Settings
 
 app = typer.Typer(

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from sdworker.jobs import InputImageError
+from sdworker.errors import InputImageError
 
 
 def _read_url(url: str, field: str, max_bytes: int, timeout_s: float) -> bytes:

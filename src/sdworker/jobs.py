@@ -1,101 +1,31 @@
-"""The domain: what a job asks for (JobSpec), how it is resolved into a concrete
-generation plan, and the errors every layer reports. No I/O, no torch."""
+"""The domain: what a job asks for (JobSpec), a job's life (Job, JobStatus, JobEvent)
+and what it produces (Asset, JobResult). Plain data, no I/O, no torch."""
 
 from __future__ import annotations
 
-import math
+import hashlib
 import re
-import secrets
-from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    computed_field,
     field_validator,
     model_validator,
 )
 
 from sdworker.engine.schedulers import UnknownSchedulerError, find_scheduler
-from sdworker.families import FamilyProfile, Task
-
-__all__ = [
-    "GenerationMode",
-    "GenerationPlan",
-    "InputImageError",
-    "InvalidJobError",
-    "JobCancelledError",
-    "JobSpec",
-    "ModelLoadError",
-    "ModelNotFoundError",
-    "OutOfMemoryError",
-    "ResizeMode",
-    "SdworkerError",
-    "Task",
-    "describe_validation_error",
-    "plan_generation",
-]
+from sdworker.families import Task
 
 SEED_MAX = 2**32 - 1
 MAX_STEPS = 150
 MAX_PROMPT_CHARS = 10_000
-
-# Exact-copy mode of the replaced worker: a near-identity img2img pass.
-EXACT_COPY_MAX_STRENGTH = 0.05
-EXACT_COPY_MIN_STRENGTH = 0.01
-EXACT_COPY_STEPS = (6, 10)
-DEFAULT_IMG2IMG_STRENGTH = 0.75
-DEFAULT_INPAINT_STRENGTH = 1.0
-
-
-class SdworkerError(Exception):
-    """Base of every error sdworker reports to a user: a stable code and one clear line."""
-
-    code = "internal_error"
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-
-class InvalidJobError(SdworkerError):
-    """The request is well-formed but asks for something not allowed (names the field)."""
-
-    code = "invalid_request"
-
-
-class ModelNotFoundError(SdworkerError):
-    """No model at any of the places tried (the message lists them)."""
-
-    code = "model_not_found"
-
-
-class ModelLoadError(SdworkerError):
-    """A model was found but cannot be loaded: corrupt, not Stable Diffusion, no network."""
-
-    code = "model_load_failed"
-
-
-class InputImageError(SdworkerError):
-    """An input image or mask cannot be read, fetched or used."""
-
-    code = "invalid_input_image"
-
-
-class OutOfMemoryError(SdworkerError):
-    """The device ran out of memory for this job; memory was freed and the next job runs."""
-
-    code = "out_of_memory"
-
-
-class JobCancelledError(SdworkerError):
-    """The job was cancelled while running."""
-
-    code = "canceled"
+ANONYMOUS_OWNER = "anonymous"
 
 
 class ResizeMode(str, Enum):
@@ -106,11 +36,33 @@ class ResizeMode(str, Enum):
     PAD = "pad"  # scale to fit inside, pad with black
 
 
-class GenerationMode(str, Enum):
-    TEXT2IMG = "text2img"
-    REFERENCE_MODIFY = "reference_modify"
-    EXACT_COPY = "exact_copy"
-    INPAINT = "inpaint"
+class Priority(str, Enum):
+    """Claim order: urgent first, FIFO within a priority."""
+
+    URGENT = "urgent"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return {"urgent": 3, "high": 2, "normal": 1, "low": 0}[self.value]
+
+
+class Preset(str, Enum):
+    """Job types of the replaced worker, mapped to step counts."""
+
+    SDXL_IMAGE_FAST = "sdxl_image_fast"
+    SDXL_IMAGE_HIGH = "sdxl_image_high"
+
+
+PRESET_STEPS: dict[Preset, int] = {Preset.SDXL_IMAGE_FAST: 15, Preset.SDXL_IMAGE_HIGH: 25}
+
+
+class OutputFormat(str, Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7*]\s*(\d+)\s*$")  # x, X, multiplication sign, *
@@ -146,8 +98,16 @@ class JobSpec(BaseModel):
     )
     exact_copy_mode: bool = False
     resize_mode: ResizeMode = ResizeMode.CROP
+    preset: Preset | None = Field(
+        default=None, description="Quality preset: its step count applies unless steps is given."
+    )
+    priority: Priority = Priority.NORMAL
+    output_format: OutputFormat = OutputFormat.PNG
+    return_base64: bool = Field(default=False, description="Also put image bytes in the result.")
     return_latents: bool = False
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Echoed back.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Echoed back; metadata.user_id owns the assets."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
@@ -178,148 +138,6 @@ class JobSpec(BaseModel):
             raise ValueError(str(exc)) from None
 
 
-@dataclass(frozen=True)
-class GenerationPlan:
-    """A JobSpec resolved against a model family: every value concrete, ready to run."""
-
-    task: Task
-    mode: GenerationMode
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    num_images: int
-    seeds: list[int]
-    num_inference_steps: int  # handed to diffusers (img2img runs int(n * strength) of them)
-    denoise_steps: int  # steps that actually run
-    guidance_scale: float
-    scheduler: str
-    strength: float | None
-    image: str | None
-    mask: str | None
-    resize_mode: ResizeMode
-    return_latents: bool
-    warnings: list[str] = field(default_factory=list)
-
-
-def _invalid(field_name: str, message: str) -> InvalidJobError:
-    return InvalidJobError(f"{field_name}: {message}", field=field_name)
-
-
-def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
-    task = spec.task
-    if task is None:
-        task = Task.INPAINT if spec.mask else Task.IMG2IMG if spec.image else Task.TEXT2IMG
-    if task not in family.tasks:
-        allowed = ", ".join(sorted(t.value for t in family.tasks))
-        raise _invalid(
-            "task", f"{task.value} is not supported by {family.name}; allowed: {allowed}"
-        )
-    if task in (Task.IMG2IMG, Task.INPAINT) and not spec.image:
-        raise _invalid("image", f"{task.value} needs an input image")
-    if task is Task.INPAINT and not spec.mask:
-        raise _invalid("mask", "inpaint needs a mask image (white = repaint)")
-    if task is Task.TEXT2IMG and (spec.image or spec.mask):
-        raise _invalid("task", "text2img takes no image or mask; use img2img or inpaint")
-    if spec.exact_copy_mode and task is not Task.IMG2IMG:
-        raise _invalid("exact_copy_mode", "applies to img2img only")
-    return task
-
-
-def _resolve_size(spec: JobSpec, family: FamilyProfile) -> tuple[int, int]:
-    width = spec.width if spec.width is not None else family.default_size[0]
-    height = spec.height if spec.height is not None else family.default_size[1]
-    for name, value in (("width", width), ("height", height)):
-        if value % 8 or not family.min_side <= value <= family.max_side:
-            raise _invalid(
-                name,
-                f"{value} is not allowed for {family.name}: use a multiple of 8 from "
-                f"{family.min_side} to {family.max_side}",
-            )
-    return width, height
-
-
-def _exact_copy_steps(strength: float) -> tuple[int, int]:
-    """(denoise steps 6..10 growing with strength, scheduler steps that yield exactly them)."""
-    low, high = EXACT_COPY_STEPS
-    span = EXACT_COPY_MAX_STRENGTH - EXACT_COPY_MIN_STRENGTH
-    denoise = low + round((high - low) * (strength - EXACT_COPY_MIN_STRENGTH) / span)
-    total = math.ceil(denoise / strength)
-    while int(total * strength) < denoise:  # diffusers runs int(n * strength) steps
-        total += 1
-    return denoise, total
-
-
-def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int) -> GenerationPlan:
-    """Resolve defaults, img2img modes and family bounds; raise InvalidJobError on misuse."""
-    task = _resolve_task(spec, family)
-    width, height = _resolve_size(spec, family)
-    if spec.num_images > max_num_images:
-        raise _invalid("num_images", f"{spec.num_images} is over the limit of {max_num_images}")
-    seed = spec.seed if spec.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    # Image i uses seed + i (wrapped so every returned seed is a valid input seed).
-    seeds = [(seed + i) % (SEED_MAX + 1) for i in range(spec.num_images)]
-    warnings: list[str] = []
-    steps = spec.steps or family.default_steps
-    guidance = spec.guidance_scale if spec.guidance_scale is not None else family.default_guidance
-    negative = spec.negative_prompt
-    strength: float | None = None
-    mode = GenerationMode.TEXT2IMG if task is Task.TEXT2IMG else GenerationMode.INPAINT
-
-    if task is not Task.TEXT2IMG:
-        strength = spec.strength
-        if strength is None and spec.reference_strength is not None:
-            strength = 1.0 - spec.reference_strength
-        elif strength is not None and spec.reference_strength is not None:
-            warnings.append("both strength and reference_strength given; strength was used")
-        if strength is None:
-            strength = (
-                DEFAULT_INPAINT_STRENGTH if task is Task.INPAINT else DEFAULT_IMG2IMG_STRENGTH
-            )
-
-    denoise_steps = steps
-    if spec.exact_copy_mode:
-        mode = GenerationMode.EXACT_COPY
-        assert strength is not None
-        strength = min(max(strength, EXACT_COPY_MIN_STRENGTH), EXACT_COPY_MAX_STRENGTH)
-        denoise_steps, steps = _exact_copy_steps(strength)
-        guidance = 1.0
-        if negative:
-            warnings.append("exact_copy_mode ignores negative_prompt")
-        negative = None
-    elif task is Task.IMG2IMG:
-        mode = GenerationMode.REFERENCE_MODIFY
-    if strength is not None and not spec.exact_copy_mode:
-        denoise_steps = min(int(steps * strength), steps)
-        if denoise_steps < 1:
-            raise _invalid(
-                "strength",
-                f"steps={steps} x strength={strength:g} runs no denoising step; raise steps "
-                f"to at least {math.ceil(1 / strength) if strength else 'any'} or strength",
-            )
-
-    return GenerationPlan(
-        task=task,
-        mode=mode,
-        prompt=spec.prompt,
-        negative_prompt=negative or None,
-        width=width,
-        height=height,
-        num_images=spec.num_images,
-        seeds=seeds,
-        num_inference_steps=steps,
-        denoise_steps=denoise_steps,
-        guidance_scale=guidance,
-        scheduler=spec.scheduler or family.default_scheduler,
-        strength=strength,
-        image=spec.image,
-        mask=spec.mask,
-        resize_mode=spec.resize_mode,
-        return_latents=spec.return_latents,
-        warnings=warnings,
-    )
-
-
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the field: 'steps: Input should be <= 150 (got 200)'."""
     lines = []
@@ -330,3 +148,127 @@ def describe_validation_error(exc: ValidationError) -> str:
             message += f" (got {error.get('input')!r})"
         lines.append(f"{where}: {message}" if where else message)
     return "; ".join(lines)
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class EventType(str, Enum):
+    """The job events, in the order a job can meet them (SSE, webhooks, job record)."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELED)
+
+
+class Asset(BaseModel):
+    """One stored output image and its thumbnail."""
+
+    type: Literal["image"] = "image"
+    key: str
+    url: str
+    thumbnail_key: str
+    thumbnail_url: str
+    content_type: str
+    base64: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobTimings(BaseModel):
+    """Seconds spent in each stage of a job."""
+
+    queue_s: float = 0.0
+    load_s: float = 0.0
+    inference_s: float = 0.0
+    encode_s: float = 0.0
+    store_s: float = 0.0
+    total_s: float = 0.0
+
+
+class LatentsOutput(BaseModel):
+    base64: str
+    shape: list[int]
+    dtype: str = "float16"
+
+
+class JobResult(BaseModel):
+    assets: list[Asset]
+    seeds: list[int]
+    model: str
+    device: str
+    timings: JobTimings
+    warnings: list[str] = Field(default_factory=list)
+    latents: LatentsOutput | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total_steps: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
+
+
+class Job(BaseModel):
+    """A job as stored and as returned by the API."""
+
+    id: str
+    status: JobStatus
+    spec: JobSpec
+    priority: Priority
+    owner: str
+    attempts: int = 0
+    worker_id: str | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    queue_position: int | None = None
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's event log; ids grow, so a stream resumes after the last seen."""
+
+    id: int
+    job_id: str
+    type: EventType
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
+_OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def owner_of(spec: JobSpec) -> str:
+    """The storage owner of a job: metadata.user_id when it is key-safe, else its hash."""
+    user = spec.metadata.get("user_id")
+    if user is None or user == "":
+        return ANONYMOUS_OWNER
+    text = str(user)
+    if _OWNER_RE.match(text) and text not in {".", ".."}:
+        return text
+    return "u-" + hashlib.sha256(text.encode()).hexdigest()[:32]

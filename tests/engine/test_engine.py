@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sdworker.engine.engine import Cancelled, Engine
+from sdworker.errors import InputImageError, InvalidJobError
 from sdworker.families import Task
-from sdworker.jobs import InputImageError, InvalidJobError, JobSpec
+from sdworker.jobs import JobSpec
 from sdworker.settings import Settings
 from tests.conftest import gradient_image, half_mask, max_pixel_difference
 

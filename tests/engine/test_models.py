@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from sdworker.engine.engine import Engine
 from sdworker.engine.ldm_layout import save_single_file
 from sdworker.engine.models import SourceKind, family_from_keys, resolve_model
-from sdworker.jobs import JobSpec, ModelLoadError, ModelNotFoundError
+from sdworker.errors import ModelLoadError, ModelNotFoundError
+from sdworker.jobs import JobSpec
 from sdworker.settings import Settings
 from tests.conftest import max_pixel_difference
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sdworker.engine.models import SINGLE_FILE_SUFFIXES, folder_family, single_file_family
 from sdworker.engine.tiny import TINY_MODELS
-from sdworker.jobs import ModelLoadError
+from sdworker.errors import ModelLoadError
 from sdworker.settings import Settings
 
 

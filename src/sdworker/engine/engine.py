@@ -22,17 +22,12 @@ from sdworker.engine.runtime import (
     select_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
+from sdworker.errors import InputImageError, ModelLoadError, OutOfMemoryError
 from sdworker.families import FAMILIES, Task, family_profile
 from sdworker.fetch import load_image
-from sdworker.jobs import (
-    GenerationPlan,
-    InputImageError,
-    JobSpec,
-    ModelLoadError,
-    OutOfMemoryError,
-    plan_generation,
-)
+from sdworker.jobs import JobSpec
 from sdworker.media import fit_to_size
+from sdworker.planning import GenerationPlan, plan_generation
 from sdworker.settings import Settings
 
 StepCallback = Callable[[int, int], None]

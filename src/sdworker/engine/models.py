@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sdworker.engine.tiny import clip_tokenizers, ensure_tiny_model, is_tiny_model
-from sdworker.jobs import ModelLoadError, ModelNotFoundError
+from sdworker.errors import ModelLoadError, ModelNotFoundError
 from sdworker.settings import Settings
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
