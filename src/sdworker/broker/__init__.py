@@ -1,0 +1,1 @@
+"""Job queues: a Broker protocol and its backends (SQLite embedded; Redis next)."""

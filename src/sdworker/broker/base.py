@@ -1,0 +1,131 @@
+"""The Broker contract every queue backend meets (see tests/broker/test_contract.py)."""
+
+from __future__ import annotations
+
+import builtins
+from datetime import datetime
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+
+from sdworker.jobs import Job, JobError, JobEvent, JobResult, JobSpec, JobStatus
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class WorkerInfo(BaseModel):
+    """What a worker reports with each heartbeat; shown in /status and /health."""
+
+    id: str
+    host: str = ""
+    pid: int | None = None
+    device: str = ""
+    model: str = ""
+    model_loaded: bool = False
+    current_job: str | None = None
+    vram_used_bytes: int | None = None
+    started_at: datetime | None = None
+    last_seen: datetime | None = None
+
+
+class BrokerStats(BaseModel):
+    """Queue depth per priority, running jobs, finished jobs by status and error code,
+    job durations (for the Prometheus histogram) and the workers seen."""
+
+    queued: dict[str, int] = Field(default_factory=dict)
+    running: int = 0
+    finished: dict[str, int] = Field(default_factory=dict)
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
+    duration_buckets: dict[str, int] = Field(default_factory=dict)  # upper bound -> count <=
+    duration_sum_s: float = 0.0
+    duration_count: int = 0
+    workers: list[WorkerInfo] = Field(default_factory=list)
+
+
+DURATION_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Broker(Protocol):
+    """A durable job queue with per-job event logs.
+
+    Delivery is at-least-once: a job whose worker stops heartbeating is reclaimed and may
+    run again. Completion is idempotent: only the worker that holds a running job can
+    finish it, once.
+    """
+
+    def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Store a queued job and emit `queued`. Returns (job, created). With an
+        idempotency key seen before: the earlier job and False when the spec is equal,
+        JobConflictError when it differs."""
+        ...
+
+    def claim(self, worker_id: str) -> Job | None:
+        """Take the next queued job (highest priority, then oldest) for a worker: it
+        becomes running, attempts grows by one, `started` is emitted."""
+        ...
+
+    def heartbeat(self, info: WorkerInfo) -> None:
+        """Record a worker as alive (and the job it holds, if any)."""
+        ...
+
+    def progress(self, job_id: str, worker_id: str, step: int, total_steps: int) -> None:
+        """Record progress of a running job held by the worker and emit `progress`."""
+        ...
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult) -> bool:
+        """Finish a running job held by the worker as succeeded (emits `completed`).
+        False, changing nothing, when the worker no longer holds it."""
+        ...
+
+    def fail(
+        self, job_id: str, worker_id: str, error: JobError, *, retryable: bool = False
+    ) -> bool:
+        """Fail a running job held by the worker (emits `failed`); a retryable failure
+        with attempts left goes back to the queue instead (emits `queued`)."""
+        ...
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel: a queued job is canceled at once and never runs; a running job is
+        flagged and its worker stops at the next step; a finished job is left as is."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when a cancel was asked for this job (the worker checks each step)."""
+        ...
+
+    def mark_canceled(self, job_id: str, worker_id: str) -> bool:
+        """The worker stopped a job it held after a cancel request (emits `canceled`)."""
+        ...
+
+    def get(self, job_id: str) -> Job:
+        """The job, with its queue position while queued; JobNotFoundError if unknown."""
+        ...
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        """Jobs newest first, optionally filtered; returns the page and the next cursor."""
+        ...
+
+    def events(self, job_id: str, after_id: int = 0) -> builtins.list[JobEvent]:
+        """The job's events with id > after_id, oldest first (resumable streams)."""
+        ...
+
+    def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
+        """Running jobs whose worker has not heartbeated for stale_after_s (or, with
+        worker_id, every running job of that worker, known dead) go back to the queue,
+        or fail with code `worker_lost` once they have used all attempts. Returns ids."""
+        ...
+
+    def stats(self) -> BrokerStats:
+        """Queue depth per priority, running count, finished counts, workers seen."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,475 @@
+"""The embedded broker: one SQLite file in WAL mode, shared by the API and worker processes.
+
+Every state change and its event are written in one transaction, so a job acknowledged
+to a caller (the enqueue committed) survives a crash of any process. WAL with
+synchronous=NORMAL keeps commits durable across process crashes; only an OS crash or
+power loss can lose the last transactions.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ulid import ULID
+
+from sdworker.broker.base import (
+    DEFAULT_MAX_ATTEMPTS,
+    DURATION_BUCKETS_S,
+    BrokerStats,
+    WorkerInfo,
+)
+from sdworker.errors import JobConflictError, JobNotFoundError
+from sdworker.jobs import (
+    EventType,
+    Job,
+    JobError,
+    JobEvent,
+    JobProgress,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    Priority,
+    owner_of,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL,
+    duration_s REAL,
+    result TEXT,
+    error_code TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+WORKER_RETENTION_S = 24 * 3600  # workers not seen for a day leave /status
+
+_PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SqliteBroker:
+    """Broker on a SQLite file; safe across threads (a connection per thread) and
+    processes (WAL, busy timeout, BEGIN IMMEDIATE for every write)."""
+
+    def __init__(self, path: Path, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._max_attempts = max_attempts
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._connection().executescript(_SCHEMA)
+
+    # -- connections and transactions -------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._path, timeout=30.0, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _emit(db: sqlite3.Connection, job_id: str, kind: EventType, data: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO events (job_id, type, data, created_at) VALUES (?, ?, ?, ?)",
+            (job_id, kind.value, json.dumps(data), time.time()),
+        )
+
+    def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}", field="id")
+        return row
+
+    def _job(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
+        spec = JobSpec.model_validate_json(row["spec"])
+        error = (
+            JobError(code=row["error_code"], message=row["error_message"] or "")
+            if row["error_code"]
+            else None
+        )
+        job = Job(
+            id=row["id"],
+            status=JobStatus(row["status"]),
+            spec=spec,
+            priority=_PRIORITY_BY_RANK[row["priority"]],
+            owner=row["owner"],
+            attempts=row["attempts"],
+            worker_id=row["worker_id"],
+            progress=JobProgress(step=row["step"], total_steps=row["total_steps"]),
+            created_at=_time(row["created_at"]),
+            started_at=_time(row["started_at"]),
+            finished_at=_time(row["finished_at"]),
+            result=JobResult.model_validate_json(row["result"]) if row["result"] else None,
+            error=error,
+            metadata=spec.metadata,
+        )
+        if job.status is JobStatus.QUEUED:
+            job.queue_position = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND "
+                "(priority > ? OR (priority = ? AND seq <= ?))",
+                (row["priority"], row["priority"], row["seq"]),
+            ).fetchone()[0]
+        return job
+
+    @staticmethod
+    def _held(db: sqlite3.Connection, job_id: str, worker_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM jobs WHERE id = ? AND status = 'running' AND worker_id = ?",
+            (job_id, worker_id),
+        ).fetchone()
+        return row
+
+    # -- the contract ------------------------------------------------------------------
+
+    def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        spec_json = spec.model_dump_json()
+        spec_hash = _hash(spec_json)
+        with self._write() as db:
+            if idempotency_key is not None:
+                earlier = db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if earlier is not None:
+                    if earlier["spec_hash"] != spec_hash:
+                        raise JobConflictError(
+                            f"Idempotency-Key {idempotency_key!r} was used for job "
+                            f"{earlier['id']} with a different request body",
+                            field="Idempotency-Key",
+                        )
+                    return self._job(db, earlier), False
+            job_id = str(ULID())
+            db.execute(
+                "INSERT INTO jobs (id, status, priority, owner, spec, spec_hash, "
+                "idempotency_key, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    spec.priority.rank,
+                    owner_of(spec),
+                    spec_json,
+                    spec_hash,
+                    idempotency_key,
+                    time.time(),
+                ),
+            )
+            self._emit(db, job_id, EventType.QUEUED, {"priority": spec.priority.value})
+            return self._job(db, self._row(db, job_id)), True
+
+    def claim(self, worker_id: str) -> Job | None:
+        now = time.time()
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, "
+                "started_at = ?, heartbeat_at = ?, step = 0, total_steps = 0 "
+                "WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' "
+                "ORDER BY priority DESC, seq LIMIT 1) RETURNING *",
+                (worker_id, now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            self._emit(
+                db,
+                row["id"],
+                EventType.STARTED,
+                {"worker_id": worker_id, "attempt": row["attempts"]},
+            )
+            return self._job(db, row)
+
+    def heartbeat(self, info: WorkerInfo) -> None:
+        now = time.time()
+        seen = info.model_copy(update={"last_seen": _time(now)})
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO workers (id, info, last_seen) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET info = excluded.info, "
+                "last_seen = excluded.last_seen",
+                (info.id, seen.model_dump_json(), now),
+            )
+            db.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE status = 'running' AND worker_id = ?",
+                (now, info.id),
+            )
+            db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_RETENTION_S,))
+
+    def progress(self, job_id: str, worker_id: str, step: int, total_steps: int) -> None:
+        with self._write() as db:
+            if self._held(db, job_id, worker_id) is None:
+                return
+            db.execute(
+                "UPDATE jobs SET step = ?, total_steps = ?, heartbeat_at = ? WHERE id = ?",
+                (step, total_steps, time.time(), job_id),
+            )
+            percent = JobProgress(step=step, total_steps=total_steps).percent
+            self._emit(
+                db,
+                job_id,
+                EventType.PROGRESS,
+                {"step": step, "total_steps": total_steps, "percent": percent},
+            )
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult) -> bool:
+        now = time.time()
+        with self._write() as db:
+            row = self._held(db, job_id, worker_id)
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE jobs SET status = 'succeeded', finished_at = ?, result = ?, "
+                "duration_s = ?, step = total_steps WHERE id = ?",
+                (now, result.model_dump_json(), result.timings.total_s, job_id),
+            )
+            data = {
+                "assets": [asset.model_dump(exclude={"base64"}) for asset in result.assets],
+                "seeds": result.seeds,
+            }
+            self._emit(db, job_id, EventType.COMPLETED, data)
+            return True
+
+    def fail(
+        self, job_id: str, worker_id: str, error: JobError, *, retryable: bool = False
+    ) -> bool:
+        with self._write() as db:
+            row = self._held(db, job_id, worker_id)
+            if row is None:
+                return False
+            if retryable and row["attempts"] < self._max_attempts:
+                self._requeue(db, job_id, reason=error.code)
+            else:
+                self._finish_failed(db, job_id, error)
+            return True
+
+    def _requeue(self, db: sqlite3.Connection, job_id: str, *, reason: str) -> None:
+        db.execute(
+            "UPDATE jobs SET status = 'queued', worker_id = NULL, heartbeat_at = NULL, "
+            "step = 0, total_steps = 0 WHERE id = ?",
+            (job_id,),
+        )
+        self._emit(db, job_id, EventType.QUEUED, {"reason": reason})
+
+    def _finish_failed(self, db: sqlite3.Connection, job_id: str, error: JobError) -> None:
+        db.execute(
+            "UPDATE jobs SET status = 'failed', finished_at = ?, error_code = ?, "
+            "error_message = ? WHERE id = ?",
+            (time.time(), error.code, error.message, job_id),
+        )
+        self._emit(db, job_id, EventType.FAILED, {"code": error.code, "message": error.message})
+
+    def cancel(self, job_id: str) -> Job:
+        with self._write() as db:
+            row = self._row(db, job_id)
+            status = JobStatus(row["status"])
+            if status is JobStatus.QUEUED:
+                db.execute(
+                    "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?",
+                    (time.time(), job_id),
+                )
+                self._emit(db, job_id, EventType.CANCELED, {"while": "queued"})
+            elif status is JobStatus.RUNNING:
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return self._job(db, self._row(db, job_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = (
+            self._connection()
+            .execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+            .fetchone()
+        )
+        return bool(row and row[0])
+
+    def mark_canceled(self, job_id: str, worker_id: str) -> bool:
+        with self._write() as db:
+            if self._held(db, job_id, worker_id) is None:
+                return False
+            db.execute(
+                "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?",
+                (time.time(), job_id),
+            )
+            self._emit(db, job_id, EventType.CANCELED, {"while": "running"})
+            return True
+
+    def get(self, job_id: str) -> Job:
+        db = self._connection()
+        return self._job(db, self._row(db, job_id))
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        clauses: builtins.list[str] = ["1 = 1"]
+        values: builtins.list[str | int] = []
+        if status is not None:
+            clauses.append("status = ?")
+            values.append(status.value)
+        if owner is not None:
+            clauses.append("owner = ?")
+            values.append(owner)
+        if cursor:
+            clauses.append("seq < ?")
+            values.append(int(cursor) if cursor.isdigit() else 0)
+        db = self._connection()
+        rows = db.execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
+            (*values, limit + 1),
+        ).fetchall()
+        page = rows[:limit]
+        next_cursor = str(page[-1]["seq"]) if len(rows) > limit else None
+        return [self._job(db, row) for row in page], next_cursor
+
+    def events(self, job_id: str, after_id: int = 0) -> builtins.list[JobEvent]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after_id)
+            )
+            .fetchall()
+        )
+        return [
+            JobEvent(
+                id=row["id"],
+                job_id=row["job_id"],
+                type=EventType(row["type"]),
+                data=json.loads(row["data"]),
+                created_at=_time(row["created_at"]),
+            )
+            for row in rows
+        ]
+
+    def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
+        with self._write() as db:
+            if worker_id is not None:
+                rows = db.execute(
+                    "SELECT id, attempts FROM jobs WHERE status = 'running' AND worker_id = ?",
+                    (worker_id,),
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT id, attempts FROM jobs WHERE status = 'running' AND heartbeat_at < ?",
+                    (time.time() - stale_after_s,),
+                ).fetchall()
+            for row in rows:
+                if row["attempts"] < self._max_attempts:
+                    self._requeue(db, row["id"], reason="worker_lost")
+                else:
+                    message = (
+                        f"the worker running this job stopped {row['attempts']} times "
+                        "(crash, out of memory or killed); not retrying"
+                    )
+                    self._finish_failed(
+                        db, row["id"], JobError(code="worker_lost", message=message)
+                    )
+            return [row["id"] for row in rows]
+
+    def stats(self) -> BrokerStats:
+        db = self._connection()
+        stats = BrokerStats(queued={priority.value: 0 for priority in Priority})
+        for row in db.execute(
+            "SELECT status, priority, COUNT(*) AS n FROM jobs GROUP BY status, priority"
+        ):
+            status = JobStatus(row["status"])
+            if status is JobStatus.QUEUED:
+                stats.queued[_PRIORITY_BY_RANK[row["priority"]].value] = row["n"]
+            elif status is JobStatus.RUNNING:
+                stats.running += row["n"]
+            else:
+                stats.finished[status.value] = stats.finished.get(status.value, 0) + row["n"]
+        for row in db.execute(
+            "SELECT error_code, COUNT(*) AS n FROM jobs WHERE error_code IS NOT NULL "
+            "GROUP BY error_code"
+        ):
+            stats.errors_by_code[row["error_code"]] = row["n"]
+        buckets = ", ".join(f"SUM(duration_s <= {bound})" for bound in DURATION_BUCKETS_S)
+        row = db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(duration_s), 0), {buckets} FROM jobs "
+            "WHERE duration_s IS NOT NULL"
+        ).fetchone()
+        stats.duration_count, stats.duration_sum_s = row[0], row[1]
+        stats.duration_buckets = {
+            str(bound): int(row[2 + i] or 0) for i, bound in enumerate(DURATION_BUCKETS_S)
+        }
+        stats.workers = [
+            WorkerInfo.model_validate_json(info)
+            for (info,) in db.execute("SELECT info FROM workers ORDER BY id")
+        ]
+        return stats
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
