@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     """What a job asks the engine to do."""
 
     TEXT2IMG = "text2img"

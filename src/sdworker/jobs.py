@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import (
@@ -28,7 +28,7 @@ MAX_PROMPT_CHARS = 10_000
 ANONYMOUS_OWNER = "anonymous"
 
 
-class ResizeMode(str, Enum):
+class ResizeMode(StrEnum):
     """How an input image is fitted to the requested size."""
 
     CROP = "crop"  # scale to cover, then center crop (default)
@@ -36,7 +36,7 @@ class ResizeMode(str, Enum):
     PAD = "pad"  # scale to fit inside, pad with black
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     """Claim order: urgent first, FIFO within a priority."""
 
     URGENT = "urgent"
@@ -49,7 +49,7 @@ class Priority(str, Enum):
         return {"urgent": 3, "high": 2, "normal": 1, "low": 0}[self.value]
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     """Job types of the replaced worker, mapped to step counts."""
 
     SDXL_IMAGE_FAST = "sdxl_image_fast"
@@ -59,7 +59,7 @@ class Preset(str, Enum):
 PRESET_STEPS: dict[Preset, int] = {Preset.SDXL_IMAGE_FAST: 15, Preset.SDXL_IMAGE_HIGH: 25}
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
     WEBP = "webp"
@@ -150,7 +150,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -161,7 +161,7 @@ class JobStatus(str, Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     """The job events, in the order a job can meet them (SSE, webhooks, job record)."""
 
     QUEUED = "queued"

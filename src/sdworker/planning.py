@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from sdworker.errors import InvalidJobError
 from sdworker.families import FamilyProfile, Task
@@ -19,7 +19,7 @@ DEFAULT_IMG2IMG_STRENGTH = 0.75
 DEFAULT_INPAINT_STRENGTH = 1.0
 
 
-class GenerationMode(str, Enum):
+class GenerationMode(StrEnum):
     TEXT2IMG = "text2img"
     REFERENCE_MODIFY = "reference_modify"
     EXACT_COPY = "exact_copy"

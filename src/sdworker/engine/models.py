@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ _PIPELINE_FAMILIES = {
 }
 
 
-class SourceKind(str, Enum):
+class SourceKind(StrEnum):
     TINY = "tiny"
     FOLDER = "folder"
     SINGLE_FILE = "single_file"
