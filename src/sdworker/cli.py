@@ -187,10 +187,11 @@ def generate(
     if isinstance(result, Cancelled):  # nothing cancels a CLI run; kept for completeness
         raise _fail("cancelled", code=1)
     paths = output_paths(output, result.seeds)
-    from sdworker.media import encode_png
+    from sdworker.media import encode_png, generation_parameters
 
-    for picture, path, parameters in zip(result.images, paths, _parameters(result), strict=True):
+    for picture, path, image_seed in zip(result.images, paths, result.seeds, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
+        parameters = generation_parameters(result.plan, image_seed, result.model)
         path.write_bytes(encode_png(picture, parameters))
     if save_latents is not None and result.latents is not None:
         save_latents.write_bytes(result.latents.data)
@@ -216,29 +217,6 @@ def _progress() -> Progress:
         console=console,
         transient=False,
     )
-
-
-def _parameters(result: Any) -> list[str]:
-    from sdworker.engine.schedulers import find_scheduler
-    from sdworker.media import a1111_parameters
-
-    plan = result.plan
-    return [
-        a1111_parameters(
-            plan.prompt,
-            plan.negative_prompt,
-            {
-                "Steps": plan.num_inference_steps,
-                "Sampler": find_scheduler(plan.scheduler).label,
-                "CFG scale": plan.guidance_scale,
-                "Seed": seed,
-                "Size": f"{plan.width}x{plan.height}",
-                "Model": result.model,
-                "Denoising strength": plan.strength,
-            },
-        )
-        for seed in result.seeds
-    ]
 
 
 @app.command()

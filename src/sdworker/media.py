@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from sdworker.engine.schedulers import find_scheduler
 from sdworker.jobs import ResizeMode
+from sdworker.planning import GenerationPlan
 
 PARAMETERS_CHUNK = "parameters"  # the PNG text key AUTOMATIC1111 and its readers use
 
@@ -20,6 +22,20 @@ def a1111_parameters(prompt: str, negative_prompt: str | None, fields: Mapping[s
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def generation_parameters(plan: GenerationPlan, seed: int, model: str) -> str:
+    """The parameters chunk of one image of a plan."""
+    fields = {
+        "Steps": plan.num_inference_steps,
+        "Sampler": find_scheduler(plan.scheduler).label,
+        "CFG scale": plan.guidance_scale,
+        "Seed": seed,
+        "Size": f"{plan.width}x{plan.height}",
+        "Model": model,
+        "Denoising strength": plan.strength,
+    }
+    return a1111_parameters(plan.prompt, plan.negative_prompt, fields)
 
 
 def encode_png(image: Image.Image, parameters: str | None = None) -> bytes:
@@ -42,3 +58,32 @@ def fit_to_size(image: Image.Image, width: int, height: int, mode: ResizeMode) -
     if mode is ResizeMode.PAD:
         return ImageOps.pad(image, (width, height), method=resample, color=0)
     return image.resize((width, height), resample=resample)
+
+
+THUMBNAIL_EDGE = 256
+THUMBNAIL_QUALITY = 85
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def thumbnail_webp(image: Image.Image, edge: int = THUMBNAIL_EDGE) -> bytes:
+    """WEBP thumbnail, longest edge `edge` px (never upscaled), aspect kept, quality 85."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((edge, edge), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="WEBP", quality=THUMBNAIL_QUALITY, method=4)
+    return buffer.getvalue()
+
+
+def encode_image(image: Image.Image, fmt: str, parameters: str | None = None) -> bytes:
+    """Encode an output image as png, jpeg or webp with its generation parameters
+    (PNG text chunk; EXIF UserComment for JPEG/WEBP, where AUTOMATIC1111 puts them)."""
+    if fmt == "png":
+        return encode_png(image, parameters)
+    exif = Image.Exif()
+    if parameters:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buffer = io.BytesIO()
+    pil_format = "JPEG" if fmt == "jpeg" else "WEBP"
+    image.convert("RGB").save(buffer, format=pil_format, quality=95, exif=exif.tobytes())
+    return buffer.getvalue()

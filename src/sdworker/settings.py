@@ -26,6 +26,10 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sdworker"
 
 
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "sdworker"
+
+
 class Settings(BaseSettings):
     """Process-wide configuration; build one with `Settings()` in the CLI or app factory."""
 
@@ -118,6 +122,81 @@ class Settings(BaseSettings):
         validation_alias=_env("FETCH_TIMEOUT_S"),
         description="Timeout for downloading an input image URL.",
     )
+
+    # -- the service -------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        validation_alias=_env("DATA_DIR"),
+        description="Where the embedded queue (jobs.db) and local assets live.",
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=_env("HOST"))
+    port: int = Field(default=7860, ge=1, le=65535, validation_alias=_env("PORT"))
+    public_url: str | None = Field(
+        default=None,
+        validation_alias=_env("PUBLIC_URL"),
+        description="Base URL clients reach the API at (asset URLs); http://HOST:PORT if unset.",
+    )
+    api_keys: str = Field(
+        default="",
+        validation_alias=_env("API_KEYS"),
+        description="Comma-separated API keys; empty turns authentication off.",
+    )
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, validation_alias=_env("MAX_BODY_BYTES")
+    )
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, validation_alias=_env("HEARTBEAT_INTERVAL_S")
+    )
+    heartbeat_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=_env("HEARTBEAT_TIMEOUT_S"),
+        description="A running job whose worker is silent this long goes back to the queue.",
+    )
+    max_attempts: int = Field(default=3, ge=1, validation_alias=_env("MAX_ATTEMPTS"))
+    progress_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        validation_alias=_env("PROGRESS_INTERVAL_S"),
+        description="Least time between two progress events (the last step is always sent).",
+    )
+    sync_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=_env("SYNC_TIMEOUT_S"),
+        description="How long POST /v1/generate waits before answering 202 with the job.",
+    )
+    drain_timeout_s: float = Field(
+        default=120.0,
+        ge=0,
+        validation_alias=_env("DRAIN_TIMEOUT_S"),
+        description="On shutdown, how long the running job may take before it is re-queued.",
+    )
+    poll_interval_s: float = Field(default=0.2, gt=0, validation_alias=_env("POLL_INTERVAL_S"))
+    run_worker: bool = Field(
+        default=True,
+        validation_alias=_env("RUN_WORKER"),
+        description="serve: start and supervise a worker process next to the API.",
+    )
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "jobs.db"
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.data_dir / "assets"
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     @field_validator("device")
     @classmethod

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from sdworker.engine.tiny import clip_tokenizers, ensure_tiny_model, is_tiny_model
 from sdworker.errors import ModelLoadError, ModelNotFoundError
@@ -115,15 +118,45 @@ def folder_family(path: Path) -> str:
     return _family_from_index(index, str(path))
 
 
+class _KeysOnlyUnpickler(pickle.Unpickler):
+    """Reads a torch zip checkpoint's pickle without torch and without running anything:
+    every global becomes an inert stub and tensor storages are never loaded, so only the
+    dict structure (the tensor names) comes out."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+class _Stub:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _ckpt_state(path: Path) -> Any:
+    with zipfile.ZipFile(path) as archive:
+        name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+        if name is None:
+            raise ValueError("no data.pkl inside (not a torch zip checkpoint)")
+        with archive.open(name) as handle:
+            return _KeysOnlyUnpickler(handle).load()
+
+
 def checkpoint_keys(path: Path) -> list[str]:
-    """Tensor names of a single-file checkpoint (safetensors: header only)."""
+    """Tensor names of a single-file checkpoint, read without loading any tensor (and
+    without torch, so the API process can inspect models too)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(str(path), framework="np") as handle:
                 return list(handle.keys())
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = _ckpt_state(path)
     except Exception as exc:  # any parse failure means a corrupt or foreign file
         raise ModelLoadError(
             f"{path} is not a readable {path.suffix} checkpoint ({type(exc).__name__}: {exc})",

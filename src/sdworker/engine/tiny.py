@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 # Bump when the architecture or seeding below changes: the cache folder is keyed by it.
 TINY_VERSION = 2
 TINY_MODELS = ("tiny-sdxl", "tiny-sdxl-refiner")
@@ -128,6 +126,8 @@ def build_tiny_pipeline(name: str) -> Any:
 
     if not is_tiny_model(name):
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    import torch
+
     refiner = name.endswith("refiner")
     tokenizer, tokenizer_2 = clip_tokenizers()
     generator_state = torch.random.get_rng_state()

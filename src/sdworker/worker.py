@@ -1,0 +1,278 @@
+"""The worker loop: claim -> run the engine -> encode -> store -> complete, with
+heartbeats, throttled progress and cancellation. One worker per device."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+from sdworker.broker.base import Broker, WorkerInfo
+from sdworker.errors import OutOfMemoryError, SdworkerError
+from sdworker.jobs import Asset, Job, JobError, JobResult, JobTimings, LatentsOutput
+from sdworker.media import encode_image, generation_parameters, thumbnail_webp
+from sdworker.settings import Settings
+from sdworker.storage.base import Storage, content_type_of, image_key, thumbnail_key
+
+if TYPE_CHECKING:
+    from sdworker.engine.engine import Cancelled, EngineResult
+    from sdworker.jobs import JobSpec
+
+log = logging.getLogger(__name__)
+
+# Exit status that tells the supervisor the device is unusable (e.g. a lost CUDA context).
+EXIT_FATAL_ENGINE = 70
+
+
+class EngineLike(Protocol):
+    """What the worker needs of an engine (the real one, or a fake in tests)."""
+
+    def load(self, model: str | None = None) -> object: ...
+
+    def run(
+        self,
+        spec: JobSpec,
+        on_step: Callable[[int, int], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> EngineResult | Cancelled: ...
+
+
+class FatalEngineError(Exception):
+    """The device can no longer run jobs; the process must exit and be restarted."""
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """CUDA errors that poison the context: nothing more can run in this process."""
+    text = str(exc)
+    return "CUDA error" in text or "device-side assert" in text or "illegal memory access" in text
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        storage: Storage,
+        engine: EngineLike,
+        worker_id: str,
+        *,
+        device: str = "",
+    ) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._storage = storage
+        self._engine = engine
+        self.id = worker_id
+        self._info = WorkerInfo(
+            id=worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=device,
+            model=settings.model,
+            started_at=datetime.now(UTC),
+        )
+        self._stop = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the running job (if any), then leave the loop."""
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        """Load the model, then claim and run jobs until stopped."""
+        heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeats.start()
+        self._engine.load()
+        self._info.model_loaded = True
+        self._send_heartbeat()
+        last_reclaim = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() - last_reclaim > self._settings.heartbeat_interval_s:
+                self._broker.reclaim(stale_after_s=self._settings.heartbeat_timeout_s)
+                last_reclaim = time.monotonic()
+            if not self.run_once():
+                self._stop.wait(self._settings.poll_interval_s)
+        self._info.current_job = None
+        self._send_heartbeat()
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue was empty."""
+        job = self._broker.claim(self.id)
+        if job is None:
+            return False
+        self._info.current_job = job.id
+        try:
+            self.process(job)
+        finally:
+            self._info.current_job = None
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._settings.heartbeat_interval_s):
+            self._send_heartbeat()
+
+    def _send_heartbeat(self) -> None:
+        try:
+            self._info.vram_used_bytes = _vram_used_bytes()
+            self._broker.heartbeat(self._info)
+        except Exception:  # a missed heartbeat must not kill the worker
+            log.exception("heartbeat failed")
+
+    # -- one job -----------------------------------------------------------------------
+
+    def process(self, job: Job) -> None:
+        """Run a claimed job to a terminal state (or re-raise a fatal device error)."""
+        try:
+            self._run(job)
+        except OutOfMemoryError as exc:  # memory is already freed by the engine
+            self._fail(job, exc.code, exc.message)
+        except SdworkerError as exc:
+            self._fail(job, exc.code, exc.message)
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                self._fail(job, "engine_fatal", f"the device failed: {exc}")
+                raise FatalEngineError(str(exc)) from exc
+            log.exception("job %s failed", job.id)
+            self._fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self._broker.fail(job.id, self.id, JobError(code=code, message=message))
+
+    def _run(self, job: Job) -> None:
+        from sdworker.engine.engine import Cancelled
+
+        interval = self._settings.progress_interval_s
+        last_sent = 0.0
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if step >= total or now - last_sent >= interval:
+                last_sent = now
+                self._broker.progress(job.id, self.id, step, total)
+
+        outcome = self._engine.run(
+            job.spec, on_step=on_step, is_cancelled=lambda: self._broker.cancel_requested(job.id)
+        )
+        if isinstance(outcome, Cancelled):
+            self._broker.mark_canceled(job.id, self.id)
+            return
+        result = self._store(job, outcome)
+        self._broker.complete(job.id, self.id, result)
+
+    def _store(self, job: Job, outcome: EngineResult) -> JobResult:
+        spec, plan = job.spec, outcome.plan
+        fmt = spec.output_format.value
+        encode_s = store_s = 0.0
+        assets = []
+        for index, (image, seed) in enumerate(zip(outcome.images, outcome.seeds, strict=True)):
+            started = time.perf_counter()
+            main = encode_image(image, fmt, generation_parameters(plan, seed, outcome.model))
+            thumb = thumbnail_webp(image)
+            encoded = time.perf_counter()
+            key = image_key(job.owner, job.id, index, fmt)
+            thumb_key = thumbnail_key(job.owner, job.id, index)
+            url = self._storage.put(key, main, content_type_of(key))
+            thumb_url = self._storage.put(thumb_key, thumb, "image/webp")
+            encode_s += encoded - started
+            store_s += time.perf_counter() - encoded
+            assets.append(
+                Asset(
+                    key=key,
+                    url=url,
+                    thumbnail_key=thumb_key,
+                    thumbnail_url=thumb_url,
+                    content_type=content_type_of(key),
+                    base64=base64.b64encode(main).decode() if spec.return_base64 else None,
+                    metadata={
+                        "width": image.width,
+                        "height": image.height,
+                        "format": fmt,
+                        "seed": seed,
+                        "steps": plan.num_inference_steps,
+                        "denoise_steps": plan.denoise_steps,
+                        "guidance_scale": plan.guidance_scale,
+                        "scheduler": plan.scheduler,
+                        "file_size_bytes": len(main),
+                        "asset_index": index,
+                        "batch_size": len(outcome.images),
+                        "pipeline": plan.task.value,
+                        "mode": plan.mode.value,
+                        "denoise_strength": plan.strength,
+                        "resize_policy": plan.resize_mode.value if plan.image else None,
+                        "negative_prompt_used": plan.negative_prompt,
+                    },
+                )
+            )
+        latents = None
+        if outcome.latents is not None:
+            latents = LatentsOutput(
+                base64=base64.b64encode(outcome.latents.data).decode(),
+                shape=list(outcome.latents.shape),
+            )
+        queue_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
+        return JobResult(
+            assets=assets,
+            seeds=outcome.seeds,
+            model=outcome.model,
+            device=outcome.device,
+            timings=JobTimings(
+                queue_s=queue_s,
+                load_s=outcome.timings["load_s"],
+                inference_s=outcome.timings["inference_s"],
+                encode_s=encode_s,
+                store_s=store_s,
+                total_s=(datetime.now(UTC) - job.created_at).total_seconds(),
+            ),
+            warnings=outcome.warnings,
+            latents=latents,
+        )
+
+
+def _vram_used_bytes() -> int | None:
+    """Device memory held by this process, when torch is loaded and on CUDA."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated())
+
+
+def run_worker_process(settings: Settings, worker_id: str) -> int:
+    """Entry of a worker process: SIGTERM/SIGINT drain (the running job finishes), a
+    second signal exits at once (the supervisor re-queues the job). Returns the exit code."""
+    import signal
+
+    from sdworker.backends import build_broker, build_storage
+    from sdworker.engine.engine import Engine
+
+    engine = Engine(settings)
+    broker = build_broker(settings)
+    worker = Worker(
+        settings, broker, build_storage(settings), engine, worker_id, device=str(engine.device)
+    )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if worker._stop.is_set():
+            raise SystemExit(128 + signum)
+        log.info("worker %s draining after signal %s", worker_id, signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run_forever()
+    except FatalEngineError:
+        log.error("worker %s: device unusable, exiting for a restart", worker_id)
+        return EXIT_FATAL_ENGINE
+    finally:
+        broker.close()
+    return 0
