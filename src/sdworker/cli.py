@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -249,3 +250,80 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+
+
+def _export(**values: object) -> None:
+    """Put CLI overrides into the environment so the worker process gets them too."""
+    for name, value in values.items():
+        if value is not None:
+            os.environ[f"SDWORKER_{name.upper()}"] = str(value)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface to listen on [default: 127.0.0.1; 0.0.0.0 for all]."),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: 7860].")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model to serve [default: SDWORKER_MODEL or tiny-sdxl].")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Queue and assets folder [default: ~/.local/share/sdworker]."),
+    ] = None,
+) -> None:
+    """Run the whole service on this machine: HTTP API, SQLite queue, local storage and a
+    supervised worker process. Ctrl-C drains: the running job finishes (or is re-queued)."""
+    _export(host=host, port=port, model=model, data_dir=data_dir)
+    settings = _settings()
+    import uvicorn
+
+    from sdworker.api.app import create_app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with _user_errors():
+        application = create_app(settings, manage_worker=settings.run_worker)
+    stdout.print(f"sdworker serving {settings.model} at {settings.base_url}", highlight=False)
+    stdout.print(f"API docs: {settings.base_url}/docs   data: {settings.data_dir}", highlight=False)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: 7860].")] = None,
+) -> None:
+    """Run only the HTTP API (no worker); workers run with `sdworker worker`."""
+    _export(host=host, port=port)
+    settings = _settings()
+    import uvicorn
+
+    from sdworker.api.app import create_app
+
+    stdout.print(f"sdworker API at {settings.base_url} (docs: {settings.base_url}/docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def worker(
+    worker_id: Annotated[str | None, typer.Option(help="Worker id [default: generated].")] = None,
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:1 [default: auto].")] = None,
+) -> None:
+    """Run a worker: claim jobs from the queue and generate them on one device."""
+    _export(device=device)
+    settings = _settings()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _quiet_libraries()
+    from ulid import ULID
+
+    from sdworker.worker import run_worker_process
+
+    with _user_errors():
+        code = run_worker_process(settings, worker_id or f"worker-{ULID()}")
+    raise typer.Exit(code)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from sdworker.errors import ModelLoadError
+
 
 class Task(StrEnum):
     """What a job asks the engine to do."""
@@ -42,11 +44,13 @@ SDXL = FamilyProfile(
 FAMILIES: dict[str, FamilyProfile] = {SDXL.name: SDXL}
 
 
-def family_profile(name: str) -> FamilyProfile:
-    """The profile of a family by name; KeyError lists the known ones."""
+def served_profile(family: str, model: str) -> FamilyProfile:
+    """The profile of a served family; ModelLoadError naming what is served otherwise."""
     try:
-        return FAMILIES[name]
+        return FAMILIES[family]
     except KeyError:
-        raise KeyError(
-            f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}"
+        raise ModelLoadError(
+            f"model {model!r} is a {family} model; this version serves "
+            f"{', '.join(sorted(FAMILIES))} models",
+            field="model",
         ) from None

@@ -22,8 +22,8 @@ from sdworker.engine.runtime import (
     select_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
-from sdworker.errors import InputImageError, ModelLoadError, OutOfMemoryError
-from sdworker.families import FAMILIES, Task, family_profile
+from sdworker.errors import InputImageError, OutOfMemoryError
+from sdworker.families import Task, served_profile
 from sdworker.fetch import load_image
 from sdworker.jobs import JobSpec
 from sdworker.media import fit_to_size
@@ -109,14 +109,7 @@ class Engine:
     def plan(self, spec: JobSpec) -> GenerationPlan:
         """Validate a spec against its model's family without loading weights."""
         source = self.source(spec.model)
-        try:
-            profile = family_profile(source.family)
-        except KeyError as exc:
-            raise ModelLoadError(
-                f"model {source.name!r} is a {source.family} model; this version serves "
-                f"{', '.join(sorted(FAMILIES))} models",
-                field="model",
-            ) from exc
+        profile = served_profile(source.family, source.name)
         return plan_generation(spec, profile, max_num_images=self._settings.max_num_images)
 
     def load(self, model: str | None = None) -> LoadedModel:

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Never imports torch: it validates, enqueues and reports."""

@@ -1,0 +1,63 @@
+"""create_app(settings): builds the services, mounts the routers. No globals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sdworker import __version__
+from sdworker.api.errors import install_error_handlers
+from sdworker.api.metrics import build_metrics
+from sdworker.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from sdworker.api.routes import assets, jobs, system
+from sdworker.api.services import Services
+from sdworker.backends import build_broker, build_storage
+from sdworker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
+    """The API app. With manage_worker (serve), it starts and supervises a worker process
+    for its lifetime and drains it on shutdown."""
+    broker = build_broker(settings)
+    registry, requests, latency = build_metrics(broker)
+    services = Services(
+        settings=settings, broker=broker, storage=build_storage(settings), registry=registry
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_worker:
+            from sdworker.supervisor import WorkerSupervisor
+
+            services.supervisor = WorkerSupervisor(settings, broker)
+            services.supervisor.start()
+        try:
+            yield
+        finally:
+            if services.supervisor is not None:
+                log.info("draining the worker (up to %ss)", settings.drain_timeout_s)
+                services.supervisor.stop()
+            broker.close()
+
+    app = FastAPI(
+        title="sdworker",
+        version=__version__,
+        description="Self-hosted Stable Diffusion XL generation: submit jobs, follow "
+        "progress over SSE, fetch PNGs and WEBP thumbnails.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(assets.router)
+    app.include_router(system.router)
+    # Added last = outermost: metrics see every response, auth runs before body reads.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
+    return app

@@ -1,0 +1,38 @@
+"""What the routes share, built once in create_app and stored on app.state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from sdworker.broker.base import Broker
+from sdworker.engine.models import resolve_model
+from sdworker.families import FamilyProfile, served_profile
+from sdworker.settings import Settings
+from sdworker.storage.base import Storage
+
+if TYPE_CHECKING:
+    from sdworker.supervisor import WorkerSupervisor
+
+
+@dataclass
+class Services:
+    settings: Settings
+    broker: Broker
+    storage: Storage
+    registry: CollectorRegistry
+    supervisor: WorkerSupervisor | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    profiles: dict[str, FamilyProfile] = field(default_factory=dict)
+
+    def family_of(self, model: str | None) -> FamilyProfile:
+        """The family profile a job's model is validated against (no weights loaded)."""
+        name = model or self.settings.model
+        if name not in self.profiles:
+            source = resolve_model(name, self.settings)
+            self.profiles[name] = served_profile(source.family, source.name)
+        return self.profiles[name]
