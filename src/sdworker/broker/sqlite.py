@@ -201,7 +201,7 @@ class SqliteBroker:
 
     def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
         spec_json = spec.model_dump_json()
-        spec_hash = _hash(spec_json)
+        spec_hash = spec_digest(spec)
         with self._write() as db:
             if idempotency_key is not None:
                 earlier = db.execute(
@@ -309,7 +309,9 @@ class SqliteBroker:
             row = self._held(db, job_id, worker_id)
             if row is None:
                 return False
-            if retryable and row["attempts"] < self._max_attempts:
+            if row["cancel_requested"]:
+                self._finish_canceled(db, job_id, "running")
+            elif retryable and row["attempts"] < self._max_attempts:
                 self._requeue(db, job_id, reason=error.code)
             else:
                 self._finish_failed(db, job_id, error)
@@ -331,16 +333,19 @@ class SqliteBroker:
         )
         self._emit(db, job_id, EventType.FAILED, {"code": error.code, "message": error.message})
 
+    def _finish_canceled(self, db: sqlite3.Connection, job_id: str, during: str) -> None:
+        db.execute(
+            "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?",
+            (time.time(), job_id),
+        )
+        self._emit(db, job_id, EventType.CANCELED, {"while": during})
+
     def cancel(self, job_id: str) -> Job:
         with self._write() as db:
             row = self._row(db, job_id)
             status = JobStatus(row["status"])
             if status is JobStatus.QUEUED:
-                db.execute(
-                    "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?",
-                    (time.time(), job_id),
-                )
-                self._emit(db, job_id, EventType.CANCELED, {"while": "queued"})
+                self._finish_canceled(db, job_id, "queued")
             elif status is JobStatus.RUNNING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(db, self._row(db, job_id))
@@ -357,11 +362,7 @@ class SqliteBroker:
         with self._write() as db:
             if self._held(db, job_id, worker_id) is None:
                 return False
-            db.execute(
-                "UPDATE jobs SET status = 'canceled', finished_at = ? WHERE id = ?",
-                (time.time(), job_id),
-            )
-            self._emit(db, job_id, EventType.CANCELED, {"while": "running"})
+            self._finish_canceled(db, job_id, "running")
             return True
 
     def get(self, job_id: str) -> Job:
@@ -419,16 +420,20 @@ class SqliteBroker:
         with self._write() as db:
             if worker_id is not None:
                 rows = db.execute(
-                    "SELECT id, attempts FROM jobs WHERE status = 'running' AND worker_id = ?",
+                    "SELECT id, attempts, cancel_requested FROM jobs "
+                    "WHERE status = 'running' AND worker_id = ?",
                     (worker_id,),
                 ).fetchall()
             else:
                 rows = db.execute(
-                    "SELECT id, attempts FROM jobs WHERE status = 'running' AND heartbeat_at < ?",
+                    "SELECT id, attempts, cancel_requested FROM jobs "
+                    "WHERE status = 'running' AND heartbeat_at < ?",
                     (time.time() - stale_after_s,),
                 ).fetchall()
             for row in rows:
-                if row["attempts"] < self._max_attempts:
+                if row["cancel_requested"]:  # asked to stop anyway: do not run it again
+                    self._finish_canceled(db, row["id"], "worker_lost")
+                elif row["attempts"] < self._max_attempts:
                     self._requeue(db, row["id"], reason="worker_lost")
                 else:
                     message = (
@@ -474,5 +479,7 @@ class SqliteBroker:
         return stats
 
 
-def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def spec_digest(spec: JobSpec) -> str:
+    """Equal specs give equal digests whatever the key order of their metadata."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
