@@ -114,3 +114,13 @@ def load_image(ref: str, *, field: str, max_bytes: int, timeout_s: float) -> Ima
     """Read and decode an image reference; errors name the request field."""
     data = read_image_bytes(ref, field=field, max_bytes=max_bytes, timeout_s=timeout_s)
     return decode_image(data, field=field)
+
+
+def require_same_size(image: Image.Image, mask: Image.Image) -> None:
+    """An inpaint mask must cover its image exactly."""
+    if mask.size != image.size:
+        raise InputImageError(
+            f"mask: is {mask.size[0]}x{mask.size[1]} but the image is "
+            f"{image.size[0]}x{image.size[1]}; they must be the same size",
+            field="mask",
+        )

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdworker.api.services import Services
 from sdworker.errors import InputImageError
-from sdworker.fetch import decode_image
+from sdworker.fetch import decode_image, require_same_size
 from sdworker.jobs import JobSpec
 from sdworker.planning import GenerationPlan, plan_generation
 
@@ -45,10 +45,6 @@ def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
     )
     image = _inline_image(spec.image, "image", settings.fetch_max_bytes) if spec.image else None
     mask = _inline_image(spec.mask, "mask", settings.fetch_max_bytes) if spec.mask else None
-    if image is not None and mask is not None and image.size != mask.size:
-        raise InputImageError(
-            f"mask: is {mask.size[0]}x{mask.size[1]} but the image is "
-            f"{image.size[0]}x{image.size[1]}; they must be the same size",
-            field="mask",
-        )
+    if image is not None and mask is not None:
+        require_same_size(image, mask)
     return plan

@@ -22,9 +22,9 @@ from sdworker.engine.runtime import (
     select_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
-from sdworker.errors import InputImageError, OutOfMemoryError
+from sdworker.errors import OutOfMemoryError
 from sdworker.families import Task, served_profile
-from sdworker.fetch import load_image
+from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
 from sdworker.media import fit_to_size
 from sdworker.planning import GenerationPlan, plan_generation
@@ -187,12 +187,7 @@ class Engine:
         }
         if plan.task is Task.INPAINT and plan.mask is not None:
             mask = fetch(plan.mask, field="mask")
-            if mask.size != image.size:
-                raise InputImageError(
-                    f"mask: is {mask.size[0]}x{mask.size[1]} but the image is "
-                    f"{image.size[0]}x{image.size[1]}; they must be the same size",
-                    field="mask",
-                )
+            require_same_size(image, mask)
             inputs["mask_image"] = fit_to_size(
                 mask.convert("L"), plan.width, plan.height, plan.resize_mode
             )
