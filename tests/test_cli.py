@@ -137,7 +137,7 @@ def test_save_latents_writes_float16_nchw(run, tmp_path: Path) -> None:  # type:
         (["--scheduler", "warp"], "scheduler: unknown scheduler 'warp'; valid: ddim, ddpm"),
         (["--model", "missing.safetensors"], "model 'missing.safetensors' not found; tried:"),
         (["--mask", "mask.png"], "image: inpaint needs an input image"),
-        (["--image", "nope.png"], "image: file nope.png does not exist"),
+        (["--image", "nope.png"], "image: nope.png does not exist"),
         (["--steps", "0"], "steps: Input should be greater than or equal to 1"),
         (["--guidance", "31"], "guidance_scale: Input should be less than or equal to 30"),
         (["-b", "9"], "num_images: 9 is over the limit of 8"),

@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdworker.errors import InputImageError
 from sdworker.fetch import decode_image, load_image, read_image_bytes
+from sdworker.netguard import AddressPolicy
 
 MAX = 1024 * 1024
 TIMEOUT = 5.0
@@ -36,12 +37,20 @@ def assert_is_png(image: Image.Image, size: tuple[int, int] = (16, 12)) -> None:
     assert image.convert("RGB").getpixel((0, 0)) == (200, 30, 60)
 
 
+# The test server listens on loopback, which the default policy refuses (tests/test_netguard.py).
+LOOPBACK_ALLOWED = AddressPolicy.from_list(["127.0.0.0/8"])
+
+
 def read(ref: str, field: str = "image", max_bytes: int = MAX) -> bytes:
-    return read_image_bytes(ref, field=field, max_bytes=max_bytes, timeout_s=TIMEOUT)
+    return read_image_bytes(
+        ref, field=field, max_bytes=max_bytes, timeout_s=TIMEOUT, policy=LOOPBACK_ALLOWED
+    )
 
 
 def load(ref: str, field: str = "image", max_bytes: int = MAX) -> Image.Image:
-    return load_image(ref, field=field, max_bytes=max_bytes, timeout_s=TIMEOUT)
+    return load_image(
+        ref, field=field, max_bytes=max_bytes, timeout_s=TIMEOUT, policy=LOOPBACK_ALLOWED
+    )
 
 
 def load_error(ref: str, field: str = "image", max_bytes: int = MAX) -> InputImageError:
@@ -165,7 +174,7 @@ def test_bad_data_uri_payload() -> None:
 
 def test_base64_of_non_image() -> None:
     error = load_error(base64.b64encode(b"just some text, not a picture").decode())
-    assert "not a readable image" in error.message
+    assert "not a PNG, JPEG or WEBP image" in error.message
 
 
 # --------------------------------------------------------------------------- decode_image
@@ -193,7 +202,23 @@ def test_decode_broken_png(broken: bytes, field: str) -> None:
     with pytest.raises(InputImageError) as info:
         decode_image(broken, field=field)
     assert info.value.field == field
-    assert info.value.message.startswith(f"{field}: not a readable image")
+    expected = "not a readable image" if broken[:4] == PNG[:4] else "not a PNG, JPEG or WEBP"
+    assert info.value.message.startswith(f"{field}: {expected}")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_formats_are_refused_before_decoding(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+    with pytest.raises(InputImageError, match="not a PNG, JPEG or WEBP"):
+        decode_image(buffer.getvalue(), field="image")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_jpeg_and_webp_are_accepted(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format=fmt)
+    assert decode_image(buffer.getvalue(), field="image").size == (8, 8)
 
 
 def test_decode_corrupt_pixel_data() -> None:

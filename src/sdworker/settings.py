@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sdworker.netguard import AddressPolicy
+
 DtypeName = Literal["auto", "fp16", "bf16", "fp32"]
 
 DEFAULT_MODEL = "tiny-sdxl"
@@ -116,6 +118,15 @@ class Settings(BaseSettings):
         validation_alias=_env("FETCH_MAX_BYTES"),
         description="Largest input image (URL or base64) accepted, in bytes.",
     )
+    fetch_allow: str = Field(
+        default="",
+        validation_alias=_env("FETCH_ALLOW"),
+        description=(
+            "Comma-separated hosts, addresses or CIDR networks that input URLs and webhooks "
+            "may reach although not public (loopback and private networks are refused "
+            "otherwise)."
+        ),
+    )
     fetch_timeout_s: float = Field(
         default=20.0,
         gt=0,
@@ -193,6 +204,10 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def address_policy(self) -> AddressPolicy:
+        return AddressPolicy.from_list(self.fetch_allow.split(","))
 
     @property
     def api_key_list(self) -> list[str]:

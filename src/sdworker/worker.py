@@ -254,7 +254,7 @@ def run_worker_process(settings: Settings, worker_id: str) -> int:
     from sdworker.backends import build_broker, build_storage
     from sdworker.engine.engine import Engine
 
-    engine = Engine(settings)
+    engine = Engine(settings, allow_local_paths=False)  # callers may not read our disk
     broker = build_broker(settings)
     worker = Worker(
         settings, broker, build_storage(settings), engine, worker_id, device=str(engine.device)

@@ -1,40 +1,33 @@
-"""Checks a submitted job before it is enqueued: family bounds and inline images.
+"""Checks a submitted job before it is enqueued: family bounds and input images.
 
-Images given inline (data URI or base64) are decoded here, so a malformed one is a 422
-naming the field instead of a failed job later. URLs are fetched by the worker. Paths on
-the server's disk are refused: the API must not read its own files for callers.
+Input images are read here (base64 decoded, URLs fetched through the SSRF guard), so a
+malformed, unreachable or refused one is a 422 naming the field instead of a failed job
+later; the worker reads them again when it runs the job. Paths on the server's disk are
+refused: the API must not read its own files for callers.
 """
 
 from __future__ import annotations
 
-import binascii
-from base64 import b64decode
-
 from PIL import Image
 
 from sdworker.api.services import Services
-from sdworker.errors import InputImageError
-from sdworker.fetch import decode_image, require_same_size
+from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
 from sdworker.planning import GenerationPlan, plan_generation
+from sdworker.settings import Settings
 
 
-def _inline_image(ref: str, field: str, max_bytes: int) -> Image.Image | None:
-    ref = ref.strip()
-    if ref.startswith(("http://", "https://")):
-        return None
-    payload = ref.partition(",")[2] if ref.startswith("data:") else ref
-    try:
-        data = b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputImageError(
-            f"{field}: must be an http(s) URL, a data URI or base64 image data "
-            "(paths on the server are not accepted)",
-            field=field,
-        ) from None
-    if len(data) > max_bytes:
-        raise InputImageError(f"{field}: image is larger than {max_bytes} bytes", field=field)
-    return decode_image(data, field=field)
+def _check_image(ref: str, field: str, settings: Settings) -> Image.Image:
+    """Fetch (URLs, through the address guard) or decode (base64) an input now, so that
+    a refused, unreachable or non-image input is a 422 naming the field."""
+    return load_image(
+        ref,
+        field=field,
+        max_bytes=settings.fetch_max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+        policy=settings.address_policy,
+        allow_paths=False,
+    )
 
 
 def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
@@ -43,8 +36,8 @@ def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
     plan = plan_generation(
         spec, services.family_of(spec.model), max_num_images=settings.max_num_images
     )
-    image = _inline_image(spec.image, "image", settings.fetch_max_bytes) if spec.image else None
-    mask = _inline_image(spec.mask, "mask", settings.fetch_max_bytes) if spec.mask else None
+    image = _check_image(spec.image, "image", settings) if spec.image else None
+    mask = _check_image(spec.mask, "mask", settings) if spec.mask else None
     if image is not None and mask is not None:
         require_same_size(image, mask)
     return plan

@@ -83,8 +83,11 @@ class _CancelRequested(Exception):
 class Engine:
     """Runs one job at a time on one device (diffusers pipelines are not thread-safe)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, allow_local_paths: bool = True) -> None:
+        """allow_local_paths: input images may be files on this machine (CLI, library);
+        workers serving callers turn it off."""
         self._settings = settings
+        self._allow_local_paths = allow_local_paths
         self._device = select_device(settings.device)
         self._dtype = select_dtype(settings.dtype, self._device)
         self._sources: dict[str, ModelSource] = {}
@@ -180,6 +183,8 @@ class Engine:
             load_image,
             max_bytes=self._settings.fetch_max_bytes,
             timeout_s=self._settings.fetch_timeout_s,
+            policy=self._settings.address_policy,
+            allow_paths=self._allow_local_paths,
         )
         image = fetch(plan.image, field="image")
         inputs = {
