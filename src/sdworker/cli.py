@@ -312,6 +312,9 @@ def api(
 def worker(
     worker_id: Annotated[str | None, typer.Option(help="Worker id [default: generated].")] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:1 [default: auto].")] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop once this process is gone (serve).")
+    ] = None,
 ) -> None:
     """Run a worker: claim jobs from the queue and generate them on one device."""
     _export(device=device)
@@ -325,5 +328,5 @@ def worker(
     from sdworker.worker import run_worker_process
 
     with _user_errors():
-        code = run_worker_process(settings, worker_id or f"worker-{ULID()}")
+        code = run_worker_process(settings, worker_id or f"worker-{ULID()}", parent_pid)
     raise typer.Exit(code)

@@ -178,7 +178,9 @@ def decode_image(data: bytes, *, field: str) -> Image.Image:
                 )
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        raise InputImageError(f"{field}: not a readable image", field=field) from exc
+    except (OSError, Image.DecompressionBombError) as exc:
         raise InputImageError(f"{field}: not a readable image ({exc})", field=field) from exc
 
 

@@ -47,7 +47,10 @@ class WorkerSupervisor:
 
     def _spawn(self) -> None:
         self._worker_id = f"worker-{ULID()}"
-        command = [sys.executable, "-m", "sdworker", "worker", "--worker-id", self._worker_id]
+        command = [
+            sys.executable, "-m", "sdworker", "worker", "--worker-id", self._worker_id,
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
         # Own session: Ctrl-C in the terminal reaches serve, which drains the worker itself.
         self._process = subprocess.Popen(command, env=dict(os.environ), start_new_session=True)
         self._spawned_at = time.monotonic()

@@ -63,8 +63,12 @@ class Worker:
         worker_id: str,
         *,
         device: str = "",
+        parent_pid: int | None = None,
     ) -> None:
+        """parent_pid: stop (after the running job) once that process is gone, so a
+        worker never outlives the `serve` that started it."""
         self._settings = settings
+        self._parent_pid = parent_pid
         self._broker = broker
         self._storage = storage
         self._engine = engine
@@ -84,6 +88,10 @@ class Worker:
     def stop(self) -> None:
         """Finish the running job (if any), then leave the loop."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def run_forever(self) -> None:
         """Load the model, then claim and run jobs until stopped."""
@@ -116,6 +124,9 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self._settings.heartbeat_interval_s):
+            if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                log.warning("worker %s: parent %s is gone; stopping", self.id, self._parent_pid)
+                self.stop()
             self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
@@ -246,7 +257,7 @@ def _vram_used_bytes() -> int | None:
     return int(torch.cuda.memory_allocated())
 
 
-def run_worker_process(settings: Settings, worker_id: str) -> int:
+def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | None = None) -> int:
     """Entry of a worker process: SIGTERM/SIGINT drain (the running job finishes), a
     second signal exits at once (the supervisor re-queues the job). Returns the exit code."""
     import signal
@@ -257,11 +268,17 @@ def run_worker_process(settings: Settings, worker_id: str) -> int:
     engine = Engine(settings, allow_local_paths=False)  # callers may not read our disk
     broker = build_broker(settings)
     worker = Worker(
-        settings, broker, build_storage(settings), engine, worker_id, device=str(engine.device)
+        settings,
+        broker,
+        build_storage(settings),
+        engine,
+        worker_id,
+        device=str(engine.device),
+        parent_pid=parent_pid,
     )
 
     def on_signal(signum: int, _frame: object) -> None:
-        if worker._stop.is_set():
+        if worker.stopping:
             raise SystemExit(128 + signum)
         log.info("worker %s draining after signal %s", worker_id, signum)
         worker.stop()

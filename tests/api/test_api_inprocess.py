@@ -99,21 +99,11 @@ def test_inline_image_and_mask_of_the_same_size_are_accepted(client: TestClient)
     assert job["spec"]["mask"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: model '~unknownuser/...' is a 500: resolve_model -> _candidates calls "
-    "Path(name).expanduser(), which raises RuntimeError('Could not determine home directory.')",
-)
 def test_model_under_the_home_of_an_unknown_user_is_a_422_not_a_500(client: TestClient) -> None:
     response = client.post("/v1/jobs", json={**TINY, "model": "~no-such-user-sdw/model"})
     assert field_of(response) == ["model"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the API resolves JobSpec.model as a path on the server: any file it can read "
-    "is opened (zip/safetensors) and its existence, kind and parse errors are reported back",
-)
 def test_model_paths_outside_the_model_root_reveal_nothing(
     client: TestClient, tmp_path: Path
 ) -> None:
@@ -267,12 +257,6 @@ def test_body_over_the_limit_with_content_length_is_413(
     assert client.post("/v1/jobs", json=TINY).status_code == 202  # under: fine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a chunked body over max_body_bytes is a 400 'There was an error parsing "
-    "the body', not 413: FastAPI turns BodyLimitMiddleware's _BodyTooLarge (raised from "
-    "receive) into an HTTPException(400) before the middleware can answer 413",
-)
 def test_streamed_body_over_the_limit_without_content_length_is_413(
     make_client: Callable[..., TestClient],
 ) -> None:

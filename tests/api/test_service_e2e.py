@@ -708,12 +708,6 @@ def test_restart_after_a_crash_runs_every_accepted_job(
     assert sum(status["queue"].values()) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a worker outlives a SIGKILLed serve: it runs in a session of its own and "
-    "nothing tells it its parent died, so it keeps claiming jobs (and holding the device); a "
-    "restarted serve then starts a second worker on the same device",
-)
 def test_the_worker_does_not_outlive_a_killed_serve(server_factory: Callable[..., Server]) -> None:
     server = server_factory()
     server.wait_healthy()

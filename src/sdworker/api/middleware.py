@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health"})
@@ -29,10 +30,6 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
     await send({"type": "http.response.body", "body": payload})
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 for request bodies over max_bytes, whether declared or streamed."""
 
@@ -43,12 +40,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = {
-            "error": {
-                "code": "body_too_large",
-                "message": f"request body over {self.max_bytes} bytes (SDWORKER_MAX_BODY_BYTES)",
-            }
-        }
+        text = f"request body over {self.max_bytes} bytes (SDWORKER_MAX_BODY_BYTES)"
+        message = {"error": {"code": "body_too_large", "message": text}}
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _send_json(send, 413, message, [])
@@ -62,7 +55,9 @@ class BodyLimitMiddleware:
             if incoming["type"] == "http.request":
                 seen += len(incoming.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    # An HTTPException: FastAPI's body parsing passes it through as is
+                    # (any other exception there becomes a 400).
+                    raise HTTPException(413, detail=text)
             return incoming
 
         async def tracking_send(outgoing: Message) -> None:
@@ -73,9 +68,10 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, message, [])
+        except HTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await _send_json(send, 413, message, [])
 
 
 class ApiKeyMiddleware:

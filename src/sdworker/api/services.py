@@ -33,6 +33,7 @@ class Services:
         """The family profile a job's model is validated against (no weights loaded)."""
         name = model or self.settings.model
         if name not in self.profiles:
-            source = resolve_model(name, self.settings)
+            trusted = name == self.settings.model  # callers' names stay under the root
+            source = resolve_model(name, self.settings, trusted=trusted)
             self.profiles[name] = served_profile(source.family, source.name)
         return self.profiles[name]

@@ -106,7 +106,10 @@ class Engine:
         """Find (once) the model a job names, or the default model."""
         name = model or self._settings.model
         if name not in self._sources:
-            self._sources[name] = resolve_model(name, self._settings)
+            # The operator's default model may be any path; a job's own choice only may
+            # when this engine trusts its callers with local paths (CLI, library).
+            trusted = name == self._settings.model or self._allow_local_paths
+            self._sources[name] = resolve_model(name, self._settings, trusted=trusted)
         return self._sources[name]
 
     def plan(self, spec: JobSpec) -> GenerationPlan:

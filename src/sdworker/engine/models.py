@@ -57,10 +57,17 @@ class ModelSource:
     family: str
 
 
-def _candidates(name: str, root: Path | None) -> list[Path]:
-    bases = [Path(name).expanduser()]
+def _candidates(name: str, root: Path | None, *, trusted: bool) -> list[Path]:
+    """Where a model name may live: under the model root, and (trusted names only, i.e.
+    the operator's own settings or the CLI) as a path of its own."""
+    bases: list[Path] = []
     if root is not None and not Path(name).is_absolute():
-        bases.insert(0, root.expanduser() / name)
+        bases.append(root.expanduser() / name)
+    if trusted:
+        try:
+            bases.append(Path(name).expanduser())
+        except RuntimeError:  # "~user" of an unknown user
+            bases.append(Path(name))
     paths: list[Path] = []
     for base in bases:
         paths.append(base)
@@ -69,12 +76,30 @@ def _candidates(name: str, root: Path | None) -> list[Path]:
     return paths
 
 
-def resolve_model(name: str, settings: Settings) -> ModelSource:
-    """Find a model by name and detect its family, without loading weights."""
+def _is_plain_name(name: str) -> bool:
+    """A caller-supplied name stays inside the model root: no absolute, home or parent
+    paths, no backslashes."""
+    if not name or name.startswith(("/", "~")) or "\\" in name:
+        return False
+    return all(part not in {"", ".", ".."} for part in name.split("/"))
+
+
+def resolve_model(name: str, settings: Settings, *, trusted: bool = True) -> ModelSource:
+    """Find a model by name and detect its family, without loading weights.
+
+    Untrusted names (from API callers) are looked up only under the model root, as hub
+    ids or as built-in models, and every miss gives the same error, so a caller learns
+    nothing about the server's files."""
     if is_tiny_model(name):
         family = "sdxl-refiner" if name.endswith("refiner") else "sdxl"
         return ModelSource(name, SourceKind.TINY, name, family)
-    tried = _candidates(name, settings.model_root)
+    if not trusted and not _is_plain_name(name):
+        raise ModelNotFoundError(
+            f"model {name!r} is not a model name: give a name under the model root, a hub "
+            "id (org/name) or tiny-sdxl",
+            field="model",
+        )
+    tried = _candidates(name, settings.model_root, trusted=trusted)
     for path in tried:
         if path.is_dir():
             return ModelSource(name, SourceKind.FOLDER, str(path), folder_family(path))
@@ -87,8 +112,9 @@ def resolve_model(name: str, settings: Settings) -> ModelSource:
         if settings.model_root
         else "no model root set (SDWORKER_MODEL_ROOT / SDXL_MODEL_ROOT / MODEL_ROOT)"
     )
+    where = f"tried: {', '.join(str(p) for p in tried)}" if trusted else "not under the model root"
     raise ModelNotFoundError(
-        f"model {name!r} not found; tried: {', '.join(str(p) for p in tried)} ({root_hint}); "
+        f"model {name!r} not found; {where} ({root_hint}); "
         "give a .safetensors/.ckpt file, a diffusers folder, a hub id (org/name) or tiny-sdxl",
         field="model",
     )

@@ -1,0 +1,233 @@
+"""Lua scripts of the Redis broker: every state change and its event in one atomic step.
+
+Keys are built inside the scripts from a prefix (ARGV[1]), so the broker needs a
+non-cluster Redis (or one hash slot); every managed single-node Redis qualifies.
+"""
+
+# Shared helpers, prepended to each script.
+_COMMON = """
+local p = ARGV[1]
+local function emit(id, kind, data, now)
+  local eid = redis.call('INCR', p .. ':seq:event')
+  redis.call('RPUSH', p .. ':events:' .. id,
+    cjson.encode({id = eid, type = kind, data = data, created_at = tonumber(now)}))
+end
+local function queued_score(rank, seq)
+  return (3 - tonumber(rank)) * 1e13 + tonumber(seq)
+end
+local function finish(id, job, status, now, ttl)
+  redis.call('HSET', job, 'status', status, 'finished_at', now)
+  redis.call('SREM', p .. ':running', id)
+  redis.call('ZREM', p .. ':queued', id)
+  redis.call('HINCRBY', p .. ':stats:finished', status, 1)
+  local entry = redis.call('HGET', job, 'entry')
+  if entry then
+    redis.call('XACK', p .. ':stream:' .. redis.call('HGET', job, 'stream'), 'workers', entry)
+  end
+  if tonumber(ttl) > 0 then
+    redis.call('EXPIRE', job, ttl)
+    redis.call('EXPIRE', p .. ':events:' .. id, ttl)
+    local key = redis.call('HGET', job, 'idempotency_key')
+    if key then redis.call('EXPIRE', p .. ':idem:' .. key, ttl) end
+  end
+end
+local function fail_job(id, job, code, message, now, ttl)
+  redis.call('HSET', job, 'error_code', code, 'error_message', message)
+  redis.call('HINCRBY', p .. ':stats:errors', code, 1)
+  finish(id, job, 'failed', now, ttl)
+  emit(id, 'failed', cjson.encode({code = code, message = message}), now)
+end
+local function cancel_job(id, job, during, now, ttl)
+  finish(id, job, 'canceled', now, ttl)
+  emit(id, 'canceled', cjson.encode({['while'] = during}), now)
+end
+local function requeue(id, job, reason, now)
+  local entry = redis.call('HGET', job, 'entry')
+  local stream = redis.call('HGET', job, 'stream')
+  if entry then redis.call('XACK', p .. ':stream:' .. stream, 'workers', entry) end
+  redis.call('HSET', job, 'status', 'queued', 'step', 0, 'total_steps', 0)
+  redis.call('HDEL', job, 'worker_id', 'heartbeat_at')
+  redis.call('SREM', p .. ':running', id)
+  local new_entry = redis.call('XADD', p .. ':stream:' .. stream, '*', 'job', id)
+  redis.call('HSET', job, 'entry', new_entry)
+  redis.call('ZADD', p .. ':queued',
+    queued_score(redis.call('HGET', job, 'priority'), redis.call('HGET', job, 'seq')), id)
+  emit(id, 'queued', cjson.encode({reason = reason}), now)
+end
+local function held(job, worker)
+  return redis.call('HGET', job, 'status') == 'running'
+    and redis.call('HGET', job, 'worker_id') == worker
+end
+"""
+
+# ARGV: prefix, id, spec, spec_hash, idempotency key or '', rank, priority, owner, now
+ENQUEUE = (
+    _COMMON
+    + """
+local id, key = ARGV[2], ARGV[5]
+if key ~= '' then
+  local earlier = redis.call('GET', p .. ':idem:' .. key)
+  if earlier and redis.call('EXISTS', p .. ':job:' .. earlier) == 1 then
+    if redis.call('HGET', p .. ':job:' .. earlier, 'spec_hash') == ARGV[4] then
+      return {earlier, 0}
+    end
+    return {earlier, -1}
+  end
+end
+local seq = redis.call('INCR', p .. ':seq:job')
+local job = p .. ':job:' .. id
+redis.call('HSET', job, 'id', id, 'status', 'queued', 'priority', ARGV[6], 'owner', ARGV[8],
+  'spec', ARGV[3], 'spec_hash', ARGV[4], 'attempts', 0, 'step', 0, 'total_steps', 0,
+  'cancel_requested', 0, 'created_at', ARGV[9], 'seq', seq, 'stream', ARGV[7])
+if key ~= '' then
+  redis.call('SET', p .. ':idem:' .. key, id)
+  redis.call('HSET', job, 'idempotency_key', key)
+end
+redis.call('ZADD', p .. ':queued', queued_score(ARGV[6], seq), id)
+redis.call('ZADD', p .. ':jobs', seq, id)
+redis.call('ZADD', p .. ':owner:' .. ARGV[8], seq, id)
+local entry = redis.call('XADD', p .. ':stream:' .. ARGV[7], '*', 'job', id)
+redis.call('HSET', job, 'entry', entry)
+emit(id, 'queued', cjson.encode({priority = ARGV[7]}), ARGV[9])
+return {id, 1}
+"""
+)
+
+# ARGV: prefix, worker, now, stream names in priority order...
+CLAIM = (
+    _COMMON
+    + """
+local worker, now = ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local stream = p .. ':stream:' .. ARGV[i]
+  while true do
+    local reply = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1,
+      'STREAMS', stream, '>')
+    if not reply then break end
+    local entry = reply[1][2][1]
+    local id = entry[2][2]
+    local job = p .. ':job:' .. id
+    if redis.call('HGET', job, 'status') == 'queued'
+        and redis.call('HGET', job, 'entry') == entry[1] then
+      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSET', job, 'status', 'running', 'worker_id', worker, 'started_at', now,
+        'heartbeat_at', now, 'step', 0, 'total_steps', 0)
+      redis.call('ZREM', p .. ':queued', id)
+      redis.call('SADD', p .. ':running', id)
+      emit(id, 'started', cjson.encode({worker_id = worker, attempt = attempts}), now)
+      return id
+    end
+    -- a canceled or superseded entry: acknowledge it and look further
+    redis.call('XACK', stream, 'workers', entry[1])
+  end
+end
+return false
+"""
+)
+
+# ARGV: prefix, id, worker, step, total, percent, now
+PROGRESS = (
+    _COMMON
+    + """
+local job = p .. ':job:' .. ARGV[2]
+if not held(job, ARGV[3]) then return 0 end
+redis.call('HSET', job, 'step', ARGV[4], 'total_steps', ARGV[5], 'heartbeat_at', ARGV[7])
+emit(ARGV[2], 'progress', cjson.encode({step = tonumber(ARGV[4]),
+  total_steps = tonumber(ARGV[5]), percent = tonumber(ARGV[6])}), ARGV[7])
+return 1
+"""
+)
+
+# ARGV: prefix, id, worker, result, duration, event data, now, ttl, bucket bounds...
+COMPLETE = (
+    _COMMON
+    + """
+local id, now, ttl = ARGV[2], ARGV[7], ARGV[8]
+local job = p .. ':job:' .. id
+if not held(job, ARGV[3]) then return 0 end
+redis.call('HSET', job, 'result', ARGV[4], 'duration_s', ARGV[5],
+  'step', redis.call('HGET', job, 'total_steps'))
+local duration = tonumber(ARGV[5])
+redis.call('HINCRBYFLOAT', p .. ':stats:duration', 'sum', duration)
+redis.call('HINCRBY', p .. ':stats:duration', 'count', 1)
+for i = 9, #ARGV do
+  if duration <= tonumber(ARGV[i]) then
+    redis.call('HINCRBY', p .. ':stats:duration', ARGV[i], 1)
+  end
+end
+finish(id, job, 'succeeded', now, ttl)
+emit(id, 'completed', ARGV[6], now)
+return 1
+"""
+)
+
+# ARGV: prefix, id, worker, code, message, retryable (0/1), max attempts, now, ttl
+FAIL = (
+    _COMMON
+    + """
+local id, now, ttl = ARGV[2], ARGV[8], ARGV[9]
+local job = p .. ':job:' .. id
+if not held(job, ARGV[3]) then return 0 end
+if redis.call('HGET', job, 'cancel_requested') == '1' then
+  cancel_job(id, job, 'running', now, ttl)
+elseif ARGV[6] == '1' and tonumber(redis.call('HGET', job, 'attempts')) < tonumber(ARGV[7]) then
+  requeue(id, job, ARGV[4], now)
+else
+  fail_job(id, job, ARGV[4], ARGV[5], now, ttl)
+end
+return 1
+"""
+)
+
+# ARGV: prefix, id, now, ttl
+CANCEL = (
+    _COMMON
+    + """
+local id = ARGV[2]
+local job = p .. ':job:' .. id
+local status = redis.call('HGET', job, 'status')
+if not status then return -1 end
+if status == 'queued' then
+  cancel_job(id, job, 'queued', ARGV[3], ARGV[4])
+elseif status == 'running' then
+  redis.call('HSET', job, 'cancel_requested', 1)
+end
+return 1
+"""
+)
+
+# ARGV: prefix, id, worker, now, ttl
+MARK_CANCELED = (
+    _COMMON
+    + """
+local job = p .. ':job:' .. ARGV[2]
+if not held(job, ARGV[3]) then return 0 end
+cancel_job(ARGV[2], job, 'running', ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# ARGV: prefix, id, expected worker or '', stale-before time or '', max attempts, now, ttl
+# Requeues (or dead-letters) one running job if it is still held as observed.
+RECLAIM_ONE = (
+    _COMMON
+    + """
+local id, now, ttl = ARGV[2], ARGV[6], ARGV[7]
+local job = p .. ':job:' .. id
+if redis.call('HGET', job, 'status') ~= 'running' then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', job, 'worker_id') ~= ARGV[3] then return 0 end
+local beat = tonumber(redis.call('HGET', job, 'heartbeat_at') or 0)
+if ARGV[4] ~= '' and beat >= tonumber(ARGV[4]) then return 0 end
+local attempts = tonumber(redis.call('HGET', job, 'attempts'))
+if redis.call('HGET', job, 'cancel_requested') == '1' then
+  cancel_job(id, job, 'worker_lost', now, ttl)
+elseif attempts < tonumber(ARGV[5]) then
+  requeue(id, job, 'worker_lost', now)
+else
+  redis.call('XADD', p .. ':dead', '*', 'job', id, 'attempts', attempts)
+  fail_job(id, job, 'worker_lost', 'the worker running this job stopped ' .. attempts ..
+    ' times (crash, out of memory or killed); not retrying', now, ttl)
+end
+return 1
+"""
+)
