@@ -10,7 +10,16 @@ from sdworker.storage.local import LocalStorage
 
 
 def build_broker(settings: Settings) -> Broker:
-    """The embedded SQLite broker (the Redis one comes with scale-out)."""
+    """Redis when SDWORKER_BROKER / REDIS_URL names one, else the embedded SQLite file."""
+    if settings.broker:
+        from sdworker.broker.redis import RedisBroker
+
+        return RedisBroker(
+            settings.broker,
+            prefix=settings.redis_prefix,
+            max_attempts=settings.max_attempts,
+            job_ttl_s=settings.job_ttl_s,
+        )
     return SqliteBroker(settings.database_path, max_attempts=settings.max_attempts)
 
 

@@ -140,6 +140,26 @@ class Settings(BaseSettings):
         validation_alias=_env("DATA_DIR"),
         description="Where the embedded queue (jobs.db) and local assets live.",
     )
+    broker: str = Field(
+        default="",
+        validation_alias=_env("BROKER", "REDIS_URL"),
+        description=(
+            "Queue backend: empty for the embedded SQLite file in data_dir, or a Redis URL "
+            "(redis://[:password@]host:port/db, rediss:// for TLS)."
+        ),
+    )
+    redis_prefix: str = Field(
+        default="sdworker",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        validation_alias=_env("REDIS_PREFIX"),
+        description="Key prefix in Redis (several deployments can share one server).",
+    )
+    job_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        validation_alias=_env("JOB_TTL_S"),
+        description="Redis: how long a finished job's record and events are kept (0 = ever).",
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("HOST"))
     port: int = Field(default=7860, ge=1, le=65535, validation_alias=_env("PORT"))
     public_url: str | None = Field(
@@ -212,6 +232,16 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "broker must be empty (SQLite) or a redis://, rediss:// or unix:// URL"
+            )
+        return value
 
     @field_validator("device")
     @classmethod

@@ -8,6 +8,7 @@ instance, and `reopen()` / `open_another()` give further instances on the same s
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,19 @@ def _sqlite(storage: Path) -> Opener:
     return lambda: SqliteBroker(path=path, max_attempts=MAX_ATTEMPTS)
 
 
-# name -> (a fresh storage folder -> a function that opens a broker on that storage)
-BACKENDS: dict[str, Callable[[Path], Opener]] = {"sqlite": _sqlite}
+def _redis(storage: Path, request: pytest.FixtureRequest) -> Opener:
+    from sdworker.broker.redis import RedisBroker
+
+    server = request.getfixturevalue("redis_server")
+    prefix = f"test-{uuid.uuid4().hex}"  # a fresh namespace per test on the shared server
+    return lambda: RedisBroker(server.url, prefix=prefix, max_attempts=MAX_ATTEMPTS)
+
+
+# name -> (a fresh storage folder, the request -> a function that opens a broker on it)
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Opener]] = {
+    "sqlite": lambda storage, _request: _sqlite(storage),
+    "redis": _redis,
+}
 
 
 class BrokerHandle:
@@ -71,9 +83,9 @@ class BrokerHandle:
             raise errors[0]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=list(BACKENDS))
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerHandle]:
-    opener = BACKENDS[request.param](tmp_path)
+    opener = BACKENDS[request.param](tmp_path, request)
     handle = BrokerHandle(request.param, opener, MAX_ATTEMPTS)
     try:
         yield handle

@@ -22,7 +22,9 @@ local function finish(id, job, status, now, ttl)
   redis.call('HINCRBY', p .. ':stats:finished', status, 1)
   local entry = redis.call('HGET', job, 'entry')
   if entry then
-    redis.call('XACK', p .. ':stream:' .. redis.call('HGET', job, 'stream'), 'workers', entry)
+    local stream = p .. ':stream:' .. redis.call('HGET', job, 'stream')
+    redis.call('XACK', stream, 'workers', entry)
+    redis.call('XDEL', stream, entry)
   end
   if tonumber(ttl) > 0 then
     redis.call('EXPIRE', job, ttl)
@@ -44,7 +46,10 @@ end
 local function requeue(id, job, reason, now)
   local entry = redis.call('HGET', job, 'entry')
   local stream = redis.call('HGET', job, 'stream')
-  if entry then redis.call('XACK', p .. ':stream:' .. stream, 'workers', entry) end
+  if entry then
+    redis.call('XACK', p .. ':stream:' .. stream, 'workers', entry)
+    redis.call('XDEL', p .. ':stream:' .. stream, entry)
+  end
   redis.call('HSET', job, 'status', 'queued', 'step', 0, 'total_steps', 0)
   redis.call('HDEL', job, 'worker_id', 'heartbeat_at')
   redis.call('SREM', p .. ':running', id)
@@ -119,6 +124,7 @@ for i = 4, #ARGV do
     end
     -- a canceled or superseded entry: acknowledge it and look further
     redis.call('XACK', stream, 'workers', entry[1])
+    redis.call('XDEL', stream, entry[1])
   end
 end
 return false

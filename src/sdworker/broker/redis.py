@@ -1,0 +1,323 @@
+"""The scale-out broker on Redis (>= 6.2; TLS `rediss://` and auth URLs work).
+
+- One stream per priority with a consumer group `workers`; a claim reads the streams
+  with XREADGROUP highest priority first, and the entry stays pending until the job
+  ends (XACK on complete, fail or cancel).
+- A worker's heartbeat re-claims its pending entry (XCLAIM ... JUSTID), which resets the
+  entry's idle time; reclaim finds entries idle longer than the timeout with XAUTOCLAIM,
+  i.e. jobs whose worker stopped heartbeating, and puts them back in their stream, or
+  after max_attempts deliveries into the dead-letter stream `PREFIX:dead`, failed.
+- Job state in hashes (expiring `job_ttl_s` after the job ends), events in a list per job
+  with ids from one counter (SSE `Last-Event-ID` resumes), idempotency keys, a worker
+  registry, counters for stats. Every transition runs as one Lua script.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from ulid import ULID
+
+from sdworker.broker import redis_scripts
+from sdworker.broker.base import (
+    DEFAULT_MAX_ATTEMPTS,
+    DURATION_BUCKETS_S,
+    BrokerStats,
+    WorkerInfo,
+)
+from sdworker.broker.sqlite import spec_digest
+from sdworker.errors import JobConflictError, JobNotFoundError
+from sdworker.jobs import (
+    EventType,
+    Job,
+    JobError,
+    JobEvent,
+    JobProgress,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    Priority,
+    owner_of,
+)
+
+GROUP = "workers"
+PRIORITY_ORDER = (Priority.URGENT, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+_PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
+WORKER_RETENTION_S = 24 * 3600
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), UTC) if value else None
+
+
+class RedisBroker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sdworker",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        job_ttl_s: int = 7 * 24 * 3600,
+    ) -> None:
+        # Typed as Any: redis-py's stubs mix its sync and async return types.
+        self._redis: Any = redis.Redis.from_url(url, decode_responses=True)
+        self._p = prefix
+        self._max_attempts = max_attempts
+        self._ttl = job_ttl_s
+        self._scripts: dict[str, Any] = {
+            name: self._redis.register_script(getattr(redis_scripts, name))
+            for name in (
+                "ENQUEUE", "CLAIM", "PROGRESS", "COMPLETE", "FAIL", "CANCEL",
+                "MARK_CANCELED", "RECLAIM_ONE",
+            )
+        }  # fmt: skip
+        for priority in PRIORITY_ORDER:
+            try:
+                self._redis.xgroup_create(
+                    self._stream(priority.value), GROUP, id="0", mkstream=True
+                )
+            except redis.ResponseError as exc:  # BUSYGROUP: made by another process
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self._p, *parts))
+
+    def _stream(self, priority: str) -> str:
+        return self._key("stream", priority)
+
+    def _run(self, name: str, *args: str | int | float) -> Any:
+        return self._scripts[name](keys=[], args=[self._p, *args])
+
+    def _job(self, data: dict[str, str]) -> Job:
+        spec = JobSpec.model_validate_json(data["spec"])
+        error = None
+        if data.get("error_code"):
+            error = JobError(code=data["error_code"], message=data.get("error_message", ""))
+        job = Job(
+            id=data["id"],
+            status=JobStatus(data["status"]),
+            spec=spec,
+            priority=_PRIORITY_BY_RANK[int(data["priority"])],
+            owner=data["owner"],
+            attempts=int(data.get("attempts", 0)),
+            worker_id=data.get("worker_id") or None,
+            progress=JobProgress(
+                step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0))
+            ),
+            created_at=_time(data["created_at"]),
+            started_at=_time(data.get("started_at")),
+            finished_at=_time(data.get("finished_at")),
+            result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
+            error=error,
+            metadata=spec.metadata,
+        )
+        if job.status is JobStatus.QUEUED:
+            rank = self._redis.zrank(self._key("queued"), job.id)
+            job.queue_position = None if rank is None else int(rank) + 1
+        return job
+
+    def _load(self, job_id: str) -> dict[str, str]:
+        data: dict[str, str] = self._redis.hgetall(self._key("job", job_id))
+        if not data:
+            raise JobNotFoundError(f"no job with id {job_id!r}", field="id")
+        return data
+
+    # -- the contract ------------------------------------------------------------------
+
+    def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        job_id, created = self._run(
+            "ENQUEUE", str(ULID()), spec.model_dump_json(), spec_digest(spec),
+            idempotency_key or "", spec.priority.rank, spec.priority.value, owner_of(spec),
+            time.time(),
+        )  # fmt: skip
+        if int(created) == -1:
+            raise JobConflictError(
+                f"Idempotency-Key {idempotency_key!r} was used for job {job_id} with a "
+                "different request body",
+                field="Idempotency-Key",
+            )
+        return self.get(job_id), bool(int(created))
+
+    def claim(self, worker_id: str) -> Job | None:
+        streams = [priority.value for priority in PRIORITY_ORDER]
+        job_id = self._run("CLAIM", worker_id, time.time(), *streams)
+        return self.get(job_id) if job_id else None
+
+    def heartbeat(self, info: WorkerInfo) -> None:
+        now = time.time()
+        seen = info.model_copy(update={"last_seen": datetime.fromtimestamp(now, UTC)})
+        pipe = self._redis.pipeline()
+        pipe.hset(self._key("workers"), info.id, seen.model_dump_json())
+        for job_id in self._redis.smembers(self._key("running")):
+            job = self._key("job", job_id)
+            owner, stream, entry = self._redis.hmget(job, "worker_id", "stream", "entry")
+            if owner == info.id and stream and entry:
+                pipe.hset(job, "heartbeat_at", now)
+                # Re-claiming resets the entry's idle time: XAUTOCLAIM leaves it alone.
+                pipe.xclaim(self._stream(stream), GROUP, info.id, 0, [entry], justid=True)
+        pipe.execute()
+        self._prune_workers(now)
+
+    def _prune_workers(self, now: float) -> None:
+        for worker_id, raw in self._redis.hgetall(self._key("workers")).items():
+            last = WorkerInfo.model_validate_json(raw).last_seen
+            if last is not None and now - last.timestamp() > WORKER_RETENTION_S:
+                self._redis.hdel(self._key("workers"), worker_id)
+
+    def progress(self, job_id: str, worker_id: str, step: int, total_steps: int) -> None:
+        percent = JobProgress(step=step, total_steps=total_steps).percent
+        self._run("PROGRESS", job_id, worker_id, step, total_steps, percent, time.time())
+
+    def complete(self, job_id: str, worker_id: str, result: JobResult) -> bool:
+        data = {
+            "assets": [
+                asset.model_dump(mode="json", exclude={"base64"}) for asset in result.assets
+            ],
+            "seeds": result.seeds,
+        }
+        done = self._run(
+            "COMPLETE", job_id, worker_id, result.model_dump_json(), result.timings.total_s,
+            json.dumps(data), time.time(), self._ttl, *DURATION_BUCKETS_S,
+        )  # fmt: skip
+        return bool(done)
+
+    def fail(
+        self, job_id: str, worker_id: str, error: JobError, *, retryable: bool = False
+    ) -> bool:
+        done = self._run(
+            "FAIL", job_id, worker_id, error.code, error.message, int(retryable),
+            self._max_attempts, time.time(), self._ttl,
+        )  # fmt: skip
+        return bool(done)
+
+    def cancel(self, job_id: str) -> Job:
+        if int(self._run("CANCEL", job_id, time.time(), self._ttl)) == -1:
+            raise JobNotFoundError(f"no job with id {job_id!r}", field="id")
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self._redis.hget(self._key("job", job_id), "cancel_requested") == "1")
+
+    def mark_canceled(self, job_id: str, worker_id: str) -> bool:
+        return bool(self._run("MARK_CANCELED", job_id, worker_id, time.time(), self._ttl))
+
+    def get(self, job_id: str) -> Job:
+        return self._job(self._load(job_id))
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        index = self._key("owner", owner) if owner is not None else self._key("jobs")
+        upper: str = f"({int(cursor)}" if cursor and cursor.isdigit() else "+inf"
+        page: builtins.list[Job] = []
+        while len(page) <= limit:
+            batch = self._redis.zrevrangebyscore(
+                index, upper, "-inf", start=0, num=200, withscores=True
+            )
+            if not batch:
+                break
+            for job_id, seq in batch:
+                upper = f"({int(seq)}"
+                data = self._redis.hgetall(self._key("job", job_id))
+                if not data:  # expired after its TTL
+                    self._redis.zrem(index, job_id)
+                    continue
+                if status is None or data["status"] == status.value:
+                    page.append(self._job(data))
+                    if len(page) > limit:
+                        break
+        next_cursor = None
+        if len(page) > limit:
+            page = page[:limit]
+            seq = self._redis.hget(self._key("job", page[-1].id), "seq")
+            next_cursor = str(seq)
+        return page, next_cursor
+
+    def events(self, job_id: str, after_id: int = 0) -> builtins.list[JobEvent]:
+        events = []
+        for raw in self._redis.lrange(self._key("events", job_id), 0, -1):
+            item = json.loads(raw)
+            if item["id"] > after_id:
+                events.append(
+                    JobEvent(
+                        id=item["id"],
+                        job_id=job_id,
+                        type=EventType(item["type"]),
+                        data=json.loads(item["data"]),
+                        created_at=datetime.fromtimestamp(item["created_at"], UTC),
+                    )
+                )
+        return events
+
+    def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
+        now = time.time()
+        if worker_id is not None:
+            candidates = builtins.list(self._redis.smembers(self._key("running")))
+            stale_before = ""
+        else:
+            candidates = self._idle_entries(stale_after_s)
+            stale_before = str(now - stale_after_s)
+        reclaimed = []
+        for job_id in candidates:
+            done = self._run(
+                "RECLAIM_ONE", job_id, worker_id or "", stale_before, self._max_attempts,
+                now, self._ttl,
+            )  # fmt: skip
+            if done:
+                reclaimed.append(job_id)
+        return reclaimed
+
+    def _idle_entries(self, stale_after_s: float) -> builtins.list[str]:
+        """Jobs of stream entries pending longer than the timeout (XAUTOCLAIM)."""
+        jobs: builtins.list[str] = []
+        idle_ms = max(int(stale_after_s * 1000), 1)
+        for priority in PRIORITY_ORDER:
+            start = "0-0"
+            while True:
+                reply = self._redis.xautoclaim(
+                    self._stream(priority.value), GROUP, "reclaimer", idle_ms, start, count=100
+                )
+                start, entries = reply[0], reply[1]
+                jobs.extend(fields["job"] for _, fields in entries if fields)
+                if start == "0-0" or not entries:
+                    break
+        return jobs
+
+    def stats(self) -> BrokerStats:
+        stats = BrokerStats(queued={})
+        queued = self._key("queued")
+        for priority in Priority:
+            low = (3 - priority.rank) * 10**13
+            stats.queued[priority.value] = int(self._redis.zcount(queued, low, f"({low + 10**13}"))
+        stats.running = int(self._redis.scard(self._key("running")))
+        finished = self._redis.hgetall(self._key("stats", "finished"))
+        stats.finished = {k: int(v) for k, v in finished.items()}
+        errors = self._redis.hgetall(self._key("stats", "errors"))
+        stats.errors_by_code = {k: int(v) for k, v in errors.items()}
+        durations: dict[str, str] = self._redis.hgetall(self._key("stats", "duration"))
+        stats.duration_count = int(durations.get("count", 0))
+        stats.duration_sum_s = float(durations.get("sum", 0.0))
+        stats.duration_buckets = {
+            str(bound): int(durations.get(str(bound), 0)) for bound in DURATION_BUCKETS_S
+        }
+        workers = self._redis.hgetall(self._key("workers")).values()
+        stats.workers = sorted(
+            (WorkerInfo.model_validate_json(raw) for raw in workers), key=lambda w: w.id
+        )
+        return stats
+
+    def close(self) -> None:
+        self._redis.close()
