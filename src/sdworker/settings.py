@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdworker.netguard import AddressPolicy
@@ -160,6 +160,33 @@ class Settings(BaseSettings):
         validation_alias=_env("JOB_TTL_S"),
         description="Redis: how long a finished job's record and events are kept (0 = ever).",
     )
+    s3_bucket: str = Field(
+        default="",
+        validation_alias=_env("S3_BUCKET", "AWS_S3_BUCKET"),
+        description="Store outputs in this S3-compatible bucket (local disk when empty).",
+    )
+    s3_prefix: str = Field(default="", validation_alias=_env("S3_PREFIX"))
+    s3_region: str | None = Field(default=None, validation_alias=_env("S3_REGION", "AWS_REGION"))
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=_env("S3_ENDPOINT_URL"),
+        description="For R2, MinIO, Supabase and other S3-compatible services.",
+    )
+    s3_access_key_id: str | None = Field(
+        default=None, validation_alias=_env("S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=_env("S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", validation_alias=_env("S3_ADDRESSING_STYLE")
+    )
+    public_assets_url: str | None = Field(
+        default=None,
+        validation_alias=_env("PUBLIC_ASSETS_URL", "CLOUDFRONT_URL"),
+        description="CDN base URL for stored objects; presigned URLs are given otherwise.",
+    )
+    s3_url_expiry_s: int = Field(default=3600, ge=60, validation_alias=_env("S3_URL_EXPIRY_S"))
     host: str = Field(default="127.0.0.1", validation_alias=_env("HOST"))
     port: int = Field(default=7860, ge=1, le=65535, validation_alias=_env("PORT"))
     public_url: str | None = Field(
@@ -167,8 +194,8 @@ class Settings(BaseSettings):
         validation_alias=_env("PUBLIC_URL"),
         description="Base URL clients reach the API at (asset URLs); http://HOST:PORT if unset.",
     )
-    api_keys: str = Field(
-        default="",
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
         validation_alias=_env("API_KEYS"),
         description="Comma-separated API keys; empty turns authentication off.",
     )
@@ -231,7 +258,8 @@ class Settings(BaseSettings):
 
     @property
     def api_key_list(self) -> list[str]:
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+        raw = self.api_keys.get_secret_value()
+        return [key.strip() for key in raw.split(",") if key.strip()]
 
     @field_validator("broker")
     @classmethod
