@@ -105,6 +105,15 @@ class JobSpec(BaseModel):
     output_format: OutputFormat = OutputFormat.PNG
     return_base64: bool = Field(default=False, description="Also put image bytes in the result.")
     return_latents: bool = False
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="URL that gets a signed POST when the job ends (default: settings).",
+    )
+    webhook_progress: bool = Field(
+        default=False, description="Also POST progress events to the webhook (throttled)."
+    )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Echoed back; metadata.user_id owns the assets."
     )
@@ -211,8 +220,23 @@ class JobResult(BaseModel):
     model: str
     device: str
     timings: JobTimings
+    vram_used_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
     latents: LatentsOutput | None = None
+
+
+class WebhookAttempt(BaseModel):
+    """The outcome of one webhook POST, kept on the job."""
+
+    event: str
+    attempt: int
+    message_id: str
+    at: datetime
+    status_code: int | None = None
+    delivered: bool = False
+    retryable: bool = False
+    error: str | None = None
+    duration_ms: float = 0.0
 
 
 class JobError(BaseModel):
@@ -248,6 +272,7 @@ class Job(BaseModel):
     error: JobError | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     queue_position: int | None = None
+    webhook_attempts: list[WebhookAttempt] = Field(default_factory=list)
 
 
 class JobEvent(BaseModel):

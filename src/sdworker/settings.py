@@ -187,6 +187,25 @@ class Settings(BaseSettings):
         description="CDN base URL for stored objects; presigned URLs are given otherwise.",
     )
     s3_url_expiry_s: int = Field(default=3600, ge=60, validation_alias=_env("S3_URL_EXPIRY_S"))
+    webhook_url: str | None = Field(
+        default=None,
+        validation_alias=_env("WEBHOOK_URL"),
+        description="Webhook for jobs that name none.",
+    )
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=_env("WEBHOOK_SECRET"),
+        description="Signing secret(s), comma-separated to rotate (whsec_<base64> or text).",
+    )
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, le=20, validation_alias=_env("WEBHOOK_MAX_ATTEMPTS")
+    )
+    webhook_retry_base_s: float = Field(
+        default=2.0, gt=0, validation_alias=_env("WEBHOOK_RETRY_BASE_S")
+    )
+    webhook_progress_interval_s: float = Field(
+        default=2.0, ge=0, validation_alias=_env("WEBHOOK_PROGRESS_INTERVAL_S")
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("HOST"))
     port: int = Field(default=7860, ge=1, le=65535, validation_alias=_env("PORT"))
     public_url: str | None = Field(
@@ -255,6 +274,11 @@ class Settings(BaseSettings):
     @property
     def address_policy(self) -> AddressPolicy:
         return AddressPolicy.from_list(self.fetch_allow.split(","))
+
+    @property
+    def webhook_secret_list(self) -> list[str]:
+        raw = self.webhook_secret.get_secret_value()
+        return [secret.strip() for secret in raw.split(",") if secret.strip()]
 
     @property
     def api_key_list(self) -> list[str]:

@@ -7,24 +7,42 @@ import base64
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdworker.broker.base import Broker, WorkerInfo
 from sdworker.errors import OutOfMemoryError, SdworkerError
-from sdworker.jobs import Asset, Job, JobError, JobResult, JobTimings, LatentsOutput
+from sdworker.jobs import (
+    Asset,
+    EventType,
+    Job,
+    JobError,
+    JobProgress,
+    JobResult,
+    JobStatus,
+    JobTimings,
+    LatentsOutput,
+)
 from sdworker.media import encode_image, generation_parameters, thumbnail_webp
 from sdworker.settings import Settings
 from sdworker.storage.base import Storage, content_type_of, image_key, thumbnail_key
+from sdworker.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from sdworker.engine.engine import Cancelled, EngineResult
     from sdworker.jobs import JobSpec
 
 log = logging.getLogger(__name__)
+
+_TERMINAL_EVENTS = {
+    JobStatus.SUCCEEDED: EventType.COMPLETED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELED: EventType.CANCELED,
+}
 
 # Exit status that tells the supervisor the device is unusable (e.g. a lost CUDA context).
 EXIT_FATAL_ENGINE = 70
@@ -64,11 +82,13 @@ class Worker:
         *,
         device: str = "",
         parent_pid: int | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         """parent_pid: stop (after the running job) once that process is gone, so a
         worker never outlives the `serve` that started it."""
         self._settings = settings
         self._parent_pid = parent_pid
+        self._webhooks = webhooks
         self._broker = broker
         self._storage = storage
         self._engine = engine
@@ -139,7 +159,22 @@ class Worker:
     # -- one job -----------------------------------------------------------------------
 
     def process(self, job: Job) -> None:
-        """Run a claimed job to a terminal state (or re-raise a fatal device error)."""
+        """Run a claimed job to a terminal state (or re-raise a fatal device error), then
+        send its webhook."""
+        try:
+            self._process(job)
+        finally:
+            self._notify_terminal(job.id)
+
+    def _notify_terminal(self, job_id: str) -> None:
+        if self._webhooks is None:
+            return
+        job = self._broker.get(job_id)
+        event = _TERMINAL_EVENTS.get(job.status)
+        if event is not None and job.worker_id == self.id:
+            self._webhooks.notify(job, event)
+
+    def _process(self, job: Job) -> None:
         try:
             self._run(job)
         except OutOfMemoryError as exc:  # memory is already freed by the engine
@@ -168,7 +203,13 @@ class Worker:
             if step >= total or now - last_sent >= interval:
                 last_sent = now
                 self._broker.progress(job.id, self.id, step, total)
+                if self._webhooks is not None and job.spec.webhook_progress and step < total:
+                    progress = JobProgress(step=step, total_steps=total)
+                    self._webhooks.notify(
+                        job.model_copy(update={"progress": progress}), EventType.PROGRESS
+                    )
 
+        _reset_peak_vram()
         outcome = self._engine.run(
             job.spec, on_step=on_step, is_cancelled=lambda: self._broker.cancel_requested(job.id)
         )
@@ -244,17 +285,32 @@ class Worker:
             ),
             warnings=outcome.warnings,
             latents=latents,
+            vram_used_bytes=_peak_vram_bytes(),
         )
 
 
-def _vram_used_bytes() -> int | None:
-    """Device memory held by this process, when torch is loaded and on CUDA."""
-    import sys
-
+def _cuda() -> Any:
+    """torch.cuda when torch is already loaded by the engine and a GPU is in use."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.memory_allocated())
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+
+
+def _vram_used_bytes() -> int | None:
+    """Device memory held by this process now."""
+    cuda = _cuda()
+    return int(cuda.memory_allocated()) if cuda else None
+
+
+def _reset_peak_vram() -> None:
+    cuda = _cuda()
+    if cuda:
+        cuda.reset_peak_memory_stats()
+
+
+def _peak_vram_bytes() -> int | None:
+    """Most device memory held during the job."""
+    cuda = _cuda()
+    return int(cuda.max_memory_allocated()) if cuda else None
 
 
 def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | None = None) -> int:
@@ -267,6 +323,7 @@ def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | Non
 
     engine = Engine(settings, allow_local_paths=False)  # callers may not read our disk
     broker = build_broker(settings)
+    webhooks = WebhookSender(settings, broker)
     worker = Worker(
         settings,
         broker,
@@ -275,6 +332,7 @@ def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | Non
         worker_id,
         device=str(engine.device),
         parent_pid=parent_pid,
+        webhooks=webhooks,
     )
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -291,5 +349,6 @@ def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | Non
         log.error("worker %s: device unusable, exiting for a restart", worker_id)
         return EXIT_FATAL_ENGINE
     finally:
+        webhooks.close(timeout_s=settings.drain_timeout_s)
         broker.close()
     return 0

@@ -1033,3 +1033,26 @@ def test_two_instances_on_one_storage_share_the_queue(broker: BrokerHandle) -> N
     assert worker.mark_canceled(job.id, "w1") is True
     assert api.get(job.id).status == S.CANCELED
     assert [event.type for event in api.events(job.id)] == [E.QUEUED, E.STARTED, E.CANCELED]
+
+
+def test_webhook_attempts_are_kept_on_the_job_in_order(broker: BrokerHandle) -> None:
+    from datetime import UTC, datetime
+
+    from sdworker.jobs import WebhookAttempt
+
+    job, _ = broker.enqueue(make_spec())
+    for number, status in ((1, 500), (2, 200)):
+        broker.record_webhook_attempt(
+            job.id,
+            WebhookAttempt(
+                event="completed", attempt=number, message_id=f"{job.id}.completed",
+                at=datetime.now(UTC), status_code=status, delivered=status == 200,
+            ),
+        )  # fmt: skip
+    attempts = broker.get(job.id).webhook_attempts
+    assert [(a.attempt, a.status_code, a.delivered) for a in attempts] == [
+        (1, 500, False),
+        (2, 200, True),
+    ]
+    with pytest.raises(JobNotFoundError):
+        broker.record_webhook_attempt("01NOSUCHJOB", attempts[0])

@@ -16,6 +16,7 @@ from sdworker.api.routes import assets, jobs, system
 from sdworker.api.services import Services
 from sdworker.backends import build_broker, build_storage
 from sdworker.settings import Settings
+from sdworker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,11 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
     broker = build_broker(settings)
     registry, requests, latency = build_metrics(broker)
     services = Services(
-        settings=settings, broker=broker, storage=build_storage(settings), registry=registry
+        settings=settings,
+        broker=broker,
+        storage=build_storage(settings),
+        registry=registry,
+        webhooks=WebhookSender(settings, broker),
     )
 
     @asynccontextmanager
@@ -42,6 +47,7 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
             if services.supervisor is not None:
                 log.info("draining the worker (up to %ss)", settings.drain_timeout_s)
                 services.supervisor.stop()
+            services.webhooks.close(timeout_s=settings.drain_timeout_s)
             broker.close()
 
     app = FastAPI(

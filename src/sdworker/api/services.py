@@ -13,6 +13,7 @@ from sdworker.engine.models import resolve_model
 from sdworker.families import FamilyProfile, served_profile
 from sdworker.settings import Settings
 from sdworker.storage.base import Storage
+from sdworker.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from sdworker.supervisor import WorkerSupervisor
@@ -24,6 +25,7 @@ class Services:
     broker: Broker
     storage: Storage
     registry: CollectorRegistry
+    webhooks: WebhookSender
     supervisor: WorkerSupervisor | None = None
     started_at: float = field(default_factory=time.monotonic)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from PIL import Image
 
 from sdworker.api.services import Services
+from sdworker.errors import InvalidJobError
 from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
+from sdworker.netguard import UnsafeUrlError
 from sdworker.planning import GenerationPlan, plan_generation
 from sdworker.settings import Settings
 
@@ -40,4 +42,11 @@ def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
     mask = _check_image(spec.mask, "mask", settings) if spec.mask else None
     if image is not None and mask is not None:
         require_same_size(image, mask)
+    if spec.webhook:
+        try:
+            settings.address_policy.resolve(spec.webhook)
+        except UnsafeUrlError as exc:
+            raise InvalidJobError(
+                f"webhook: refused {spec.webhook}: {exc}", field="webhook"
+            ) from None
     return plan

@@ -8,7 +8,15 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from sdworker.jobs import Job, JobError, JobEvent, JobResult, JobSpec, JobStatus
+from sdworker.jobs import (
+    Job,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    WebhookAttempt,
+)
 
 DEFAULT_MAX_ATTEMPTS = 3
 
@@ -120,6 +128,10 @@ class Broker(Protocol):
         """Running jobs whose worker has not heartbeated for stale_after_s (or, with
         worker_id, every running job of that worker, known dead) go back to the queue,
         or fail with code `worker_lost` once they have used all attempts. Returns ids."""
+        ...
+
+    def record_webhook_attempt(self, job_id: str, attempt: WebhookAttempt) -> None:
+        """Append a webhook delivery attempt to the job's record."""
         ...
 
     def stats(self) -> BrokerStats:

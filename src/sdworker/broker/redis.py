@@ -42,6 +42,7 @@ from sdworker.jobs import (
     JobSpec,
     JobStatus,
     Priority,
+    WebhookAttempt,
     owner_of,
 )
 
@@ -118,6 +119,10 @@ class RedisBroker:
             result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
             error=error,
             metadata=spec.metadata,
+            webhook_attempts=[
+                WebhookAttempt.model_validate_json(raw)
+                for raw in self._redis.lrange(self._key("webhooks", data["id"]), 0, -1)
+            ],
         )
         if job.status is JobStatus.QUEUED:
             rank = self._redis.zrank(self._key("queued"), job.id)
@@ -295,6 +300,15 @@ class RedisBroker:
                 if start == "0-0" or not entries:
                     break
         return jobs
+
+    def record_webhook_attempt(self, job_id: str, attempt: WebhookAttempt) -> None:
+        self._load(job_id)
+        key = self._key("webhooks", job_id)
+        pipe = self._redis.pipeline()
+        pipe.rpush(key, attempt.model_dump_json())
+        if self._ttl:
+            pipe.expire(key, self._ttl)
+        pipe.execute()
 
     def stats(self) -> BrokerStats:
         stats = BrokerStats(queued={})

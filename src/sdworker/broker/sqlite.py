@@ -39,6 +39,7 @@ from sdworker.jobs import (
     JobSpec,
     JobStatus,
     Priority,
+    WebhookAttempt,
     owner_of,
 )
 
@@ -76,6 +77,12 @@ CREATE TABLE IF NOT EXISTS events (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    attempt TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_attempts_job ON webhook_attempts (job_id, id);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     info TEXT NOT NULL,
@@ -180,6 +187,13 @@ class SqliteBroker:
             result=JobResult.model_validate_json(row["result"]) if row["result"] else None,
             error=error,
             metadata=spec.metadata,
+            webhook_attempts=[
+                WebhookAttempt.model_validate_json(attempt)
+                for (attempt,) in db.execute(
+                    "SELECT attempt FROM webhook_attempts WHERE job_id = ? ORDER BY id",
+                    (row["id"],),
+                )
+            ],
         )
         if job.status is JobStatus.QUEUED:
             job.queue_position = db.execute(
@@ -444,6 +458,14 @@ class SqliteBroker:
                         db, row["id"], JobError(code="worker_lost", message=message)
                     )
             return [row["id"] for row in rows]
+
+    def record_webhook_attempt(self, job_id: str, attempt: WebhookAttempt) -> None:
+        with self._write() as db:
+            self._row(db, job_id)
+            db.execute(
+                "INSERT INTO webhook_attempts (job_id, attempt) VALUES (?, ?)",
+                (job_id, attempt.model_dump_json()),
+            )
 
     def stats(self) -> BrokerStats:
         db = self._connection()

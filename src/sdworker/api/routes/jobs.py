@@ -18,7 +18,7 @@ from sdworker.api.deps import ServicesDep
 from sdworker.api.services import Services
 from sdworker.api.validation import validate_job
 from sdworker.errors import JobConflictError
-from sdworker.jobs import Job, JobSpec, JobStatus
+from sdworker.jobs import EventType, Job, JobSpec, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -97,9 +97,12 @@ def get_job(job_id: str, services: ServicesDep) -> Job:
 @router.delete("/jobs/{job_id}", response_model=Job)
 def cancel_job(job_id: str, services: ServicesDep) -> Job:
     """Cancel: a queued job never runs; a running one stops at its next step."""
+    before = services.broker.get(job_id).status
     job = services.broker.cancel(job_id)
     if job.status.is_terminal() and job.status is not JobStatus.CANCELED:
         raise JobConflictError(f"job {job_id} already {job.status.value}", field="job_id")
+    if before is JobStatus.QUEUED and job.status is JobStatus.CANCELED:
+        services.webhooks.notify(job, EventType.CANCELED)  # no worker will see this job
     return job
 
 

@@ -1,0 +1,240 @@
+"""Signed webhook delivery (Standard Webhooks: webhook-id, webhook-timestamp,
+webhook-signature = space-separated `v1,<base64 HMAC-SHA256(id.timestamp.body)>`, one per
+secret, so secrets can be rotated). Retries with exponential backoff and jitter on
+network errors, 5xx, 408 and 429 (honouring Retry-After); redirects are never followed;
+targets pass the same address guard as input URLs. Deliveries run on a small thread pool,
+never on the generation loop, and every attempt's outcome is recorded on the job.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from standardwebhooks import Webhook
+
+from sdworker.broker.base import Broker
+from sdworker.jobs import EventType, Job, WebhookAttempt
+from sdworker.netguard import AddressPolicy, UnsafeUrlError, request_extensions
+from sdworker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+TIMEOUT_S = 15.0
+LANES = 4
+MAX_RETRY_DELAY_S = 300.0
+
+
+def _secret_bytes(secret: str) -> bytes:
+    """`whsec_<base64>` as Standard Webhooks writes secrets; any other text as is."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_"))
+    return secret.encode()
+
+
+def signature_header(secrets: list[str], message_id: str, timestamp: int, body: str) -> str:
+    """The webhook-signature value: one `v1,<sig>` per secret (rotation)."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return " ".join(
+        Webhook(_secret_bytes(secret)).sign(message_id, moment, body) for secret in secrets
+    )
+
+
+def payload_for(job: Job, event: EventType) -> dict[str, Any]:
+    """What a receiver gets: the job's outcome, assets and job metadata."""
+    result = job.result
+    assets = [
+        {
+            "type": asset.type,
+            "url": asset.url,
+            "thumbnail_url": asset.thumbnail_url,
+            "metadata": asset.metadata,
+        }
+        for asset in (result.assets if result else [])
+    ]
+    return {
+        "type": f"job.{event.value}",
+        "job_id": job.id,
+        "worker_id": job.worker_id,
+        "status": job.status.value,
+        "progress": job.progress.model_dump(),
+        "assets": assets,
+        "error": job.error.model_dump() if job.error else None,
+        "metadata": {
+            "processing_time": result.timings.total_s if result else None,
+            "timings": result.timings.model_dump() if result else None,
+            "batch_size": job.spec.num_images,
+            "vram_used": result.vram_used_bytes if result else None,
+            "seeds": result.seeds if result else [],
+            "model": result.model if result else job.spec.model,
+            "caller": job.metadata,
+        },
+    }
+
+
+def retry_delay(attempt: int, retry_after: str | None, base_s: float) -> float:
+    """Exponential backoff with "equal jitter" (half fixed, half random), or the
+    receiver's Retry-After (seconds or an HTTP date) when that is later."""
+    ceiling: float = min(base_s * 2.0 ** (attempt - 1), MAX_RETRY_DELAY_S)
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    wait = 0.0
+    if retry_after and retry_after.strip().isdigit():
+        wait = float(retry_after)
+    elif retry_after:
+        try:
+            wait = (
+                email.utils.parsedate_to_datetime(retry_after) - datetime.now(UTC)
+            ).total_seconds()
+        except (TypeError, ValueError):
+            wait = 0.0
+    return min(max(delay, wait), MAX_RETRY_DELAY_S)
+
+
+class WebhookSender:
+    """Delivers job webhooks in the background for one process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._secrets = settings.webhook_secret_list
+        self._policy: AddressPolicy = settings.address_policy
+        self._sleep = sleep
+        # One thread per lane and one lane per job: a job's events arrive in order (a
+        # retrying delivery holds back that job's later events), other jobs go on.
+        self._lanes = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"webhook-{lane}")
+            for lane in range(LANES)
+        ]
+        self._last_progress: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def target_of(self, job: Job) -> str | None:
+        return job.spec.webhook or self._settings.webhook_url
+
+    def notify(self, job: Job, event: EventType) -> None:
+        """Queue a delivery for a job event: terminal events always, progress events only
+        when the job asked for them, at most every webhook_progress_interval_s."""
+        url = self.target_of(job)
+        if not url:
+            return
+        if event is EventType.PROGRESS:
+            if not job.spec.webhook_progress or not self._progress_due(job.id):
+                return
+        elif event.is_terminal():
+            with self._lock:
+                self._last_progress.pop(job.id, None)
+        body = json.dumps(payload_for(job, event), separators=(",", ":"))
+        message_id = f"{job.id}.{event.value}"
+        if event is EventType.PROGRESS:
+            message_id += f".{job.progress.step}"
+        lane = self._lanes[zlib.crc32(job.id.encode()) % LANES]
+        lane.submit(self._deliver, job.id, event, url, message_id, body)
+
+    def _progress_due(self, job_id: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_progress.get(job_id)
+            if last is not None and now - last < self._settings.webhook_progress_interval_s:
+                return False
+            self._last_progress[job_id] = now
+            return True
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish queued deliveries (their retries included), then stop."""
+        waiter = threading.Thread(target=self._shutdown)
+        waiter.start()
+        waiter.join(timeout_s)
+
+    def _shutdown(self) -> None:
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
+
+    def _deliver(self, job_id: str, event: EventType, url: str, message_id: str, body: str) -> None:
+        """One delivery with its retries; the same webhook-id on every attempt."""
+        try:
+            for attempt in range(1, self._settings.webhook_max_attempts + 1):
+                record, retry_after = self._attempt(url, message_id, body, attempt, event)
+                self._record(job_id, record)
+                if record.delivered or not record.retryable:
+                    return
+                if attempt < self._settings.webhook_max_attempts:
+                    self._sleep(
+                        retry_delay(attempt, retry_after, self._settings.webhook_retry_base_s)
+                    )
+        except Exception:  # a delivery bug must never take the worker down
+            log.exception("webhook delivery for job %s failed", job_id)
+
+    def _record(self, job_id: str, record: WebhookAttempt) -> None:
+        try:
+            self._broker.record_webhook_attempt(job_id, record)
+        except Exception:
+            log.exception("could not record a webhook attempt of job %s", job_id)
+
+    def _attempt(
+        self, url: str, message_id: str, body: str, attempt: int, event: EventType
+    ) -> tuple[WebhookAttempt, str | None]:
+        started = time.monotonic()
+        timestamp = int(time.time())
+
+        def outcome(**fields: Any) -> WebhookAttempt:
+            return WebhookAttempt(
+                event=event.value,
+                attempt=attempt,
+                message_id=message_id,
+                at=datetime.now(UTC),
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **fields,
+            )
+
+        try:
+            target = self._policy.resolve(url)
+        except UnsafeUrlError as exc:
+            return outcome(error=f"refused: {exc}", retryable=False), None
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "sdworker-webhooks",
+            "host": target.host_header,
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+        }
+        if self._secrets:
+            headers["webhook-signature"] = signature_header(
+                self._secrets, message_id, timestamp, body
+            )
+        try:
+            with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
+                response = client.post(
+                    target.url, content=body, headers=headers, extensions=request_extensions(target)
+                )
+        except httpx.HTTPError as exc:
+            return outcome(error=type(exc).__name__, retryable=True), None
+        status = response.status_code
+        delivered = 200 <= status < 300
+        retryable = status in RETRY_STATUSES or status >= 500
+        error = (
+            None
+            if delivered
+            else f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
+        )
+        return (
+            outcome(status_code=status, delivered=delivered, retryable=retryable, error=error),
+            response.headers.get("retry-after"),
+        )
