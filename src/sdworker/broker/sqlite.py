@@ -165,7 +165,8 @@ class SqliteBroker:
             raise JobNotFoundError(f"no job with id {job_id!r}", field="id")
         return row
 
-    def _job(self, db: sqlite3.Connection, row: sqlite3.Row) -> Job:
+    def _job(self, db: sqlite3.Connection, row: sqlite3.Row, *, position: bool = False) -> Job:
+        """A row as a Job; with position, its place in the queue (a count: get() only)."""
         spec = JobSpec.model_validate_json(row["spec"])
         error = (
             JobError(code=row["error_code"], message=row["error_message"] or "")
@@ -195,10 +196,12 @@ class SqliteBroker:
                 )
             ],
         )
-        if job.status is JobStatus.QUEUED:
+        if position and job.status is JobStatus.QUEUED:
+            # Two index range counts (an OR in one WHERE would scan every queued row).
             job.queue_position = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND "
-                "(priority > ? OR (priority = ? AND seq <= ?))",
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority > ?)"
+                " + (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND priority = ?"
+                " AND seq <= ?)",
                 (row["priority"], row["priority"], row["seq"]),
             ).fetchone()[0]
         return job
@@ -228,7 +231,7 @@ class SqliteBroker:
                             f"{earlier['id']} with a different request body",
                             field="Idempotency-Key",
                         )
-                    return self._job(db, earlier), False
+                    return self._job(db, earlier, position=True), False
             job_id = str(ULID())
             db.execute(
                 "INSERT INTO jobs (id, status, priority, owner, spec, spec_hash, "
@@ -244,7 +247,9 @@ class SqliteBroker:
                 ),
             )
             self._emit(db, job_id, EventType.QUEUED, {"priority": spec.priority.value})
-            return self._job(db, self._row(db, job_id)), True
+            row = self._row(db, job_id)
+        # Outside the write transaction: the position count must not hold the lock.
+        return self._job(self._connection(), row, position=True), True
 
     def claim(self, worker_id: str) -> Job | None:
         now = time.time()
@@ -381,7 +386,7 @@ class SqliteBroker:
 
     def get(self, job_id: str) -> Job:
         db = self._connection()
-        return self._job(db, self._row(db, job_id))
+        return self._job(db, self._row(db, job_id), position=True)
 
     def list(
         self,
