@@ -1056,3 +1056,30 @@ def test_webhook_attempts_are_kept_on_the_job_in_order(broker: BrokerHandle) -> 
     ]
     with pytest.raises(JobNotFoundError):
         broker.record_webhook_attempt("01NOSUCHJOB", attempts[0])
+
+
+def test_wait_for_events_returns_at_once_blocks_for_new_ones_and_times_out(
+    broker: BrokerHandle,
+) -> None:
+    import threading
+    import time
+
+    job, _ = broker.enqueue(make_spec())
+    (queued,) = broker.wait_for_events(job.id, 0, timeout_s=5)
+    assert queued.type is E.QUEUED
+
+    started = time.monotonic()
+    assert broker.wait_for_events(job.id, queued.id, timeout_s=0.3) == []
+    assert 0.25 <= time.monotonic() - started < 2
+
+    other = broker.open_another()
+    timer = threading.Timer(0.3, lambda: other.claim("w1"))
+    timer.start()
+    try:
+        started = time.monotonic()
+        events = broker.wait_for_events(job.id, queued.id, timeout_s=5)
+        waited = time.monotonic() - started
+    finally:
+        timer.join()
+    assert [e.type for e in events] == [E.STARTED]
+    assert 0.2 <= waited < 3

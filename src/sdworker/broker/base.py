@@ -124,6 +124,12 @@ class Broker(Protocol):
         """The job's events with id > after_id, oldest first (resumable streams)."""
         ...
 
+    def wait_for_events(
+        self, job_id: str, after_id: int = 0, timeout_s: float = 1.0
+    ) -> builtins.list[JobEvent]:
+        """events(), waiting up to timeout_s for at least one (live SSE delivery)."""
+        ...
+
     def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
         """Running jobs whose worker has not heartbeated for stale_after_s (or, with
         worker_id, every running job of that worker, known dead) go back to the queue,

@@ -7,9 +7,10 @@
   entry's idle time; reclaim finds entries idle longer than the timeout with XAUTOCLAIM,
   i.e. jobs whose worker stopped heartbeating, and puts them back in their stream, or
   after max_attempts deliveries into the dead-letter stream `PREFIX:dead`, failed.
-- Job state in hashes (expiring `job_ttl_s` after the job ends), events in a list per job
-  with ids from one counter (SSE `Last-Event-ID` resumes), idempotency keys, a worker
-  registry, counters for stats. Every transition runs as one Lua script.
+- Job state in hashes (expiring `job_ttl_s` after the job ends), events in a stream per
+  job carrying ids from one counter (SSE `Last-Event-ID` resumes; XREAD BLOCK delivers
+  live), idempotency keys, a worker registry, counters for stats. Every transition runs
+  as one Lua script.
 """
 
 from __future__ import annotations
@@ -252,20 +253,38 @@ class RedisBroker:
         return page, next_cursor
 
     def events(self, job_id: str, after_id: int = 0) -> builtins.list[JobEvent]:
-        events = []
-        for raw in self._redis.lrange(self._key("events", job_id), 0, -1):
-            item = json.loads(raw)
-            if item["id"] > after_id:
-                events.append(
-                    JobEvent(
-                        id=item["id"],
-                        job_id=job_id,
-                        type=EventType(item["type"]),
-                        data=json.loads(item["data"]),
-                        created_at=datetime.fromtimestamp(item["created_at"], UTC),
-                    )
-                )
-        return events
+        entries = self._redis.xrange(self._key("events", job_id))
+        return [event for _, event in self._parse(job_id, entries) if event.id > after_id]
+
+    def wait_for_events(
+        self, job_id: str, after_id: int = 0, timeout_s: float = 1.0
+    ) -> builtins.list[JobEvent]:
+        """Like events(), but blocks on the job's stream (XREAD BLOCK) until one arrives."""
+        key = self._key("events", job_id)
+        parsed = self._parse(job_id, self._redis.xrange(key))
+        newer = [event for _, event in parsed if event.id > after_id]
+        if newer:
+            return newer
+        last = parsed[-1][0] if parsed else "0-0"
+        reply = self._redis.xread({key: last}, block=max(int(timeout_s * 1000), 1))
+        entries = reply[0][1] if reply else []
+        return [event for _, event in self._parse(job_id, entries) if event.id > after_id]
+
+    @staticmethod
+    def _parse(job_id: str, entries: Any) -> builtins.list[tuple[str, JobEvent]]:
+        return [
+            (
+                stream_id,
+                JobEvent(
+                    id=int(fields["id"]),
+                    job_id=job_id,
+                    type=EventType(fields["type"]),
+                    data=json.loads(fields["data"]),
+                    created_at=datetime.fromtimestamp(float(fields["created_at"]), UTC),
+                ),
+            )
+            for stream_id, fields in entries
+        ]
 
     def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
         now = time.time()

@@ -9,8 +9,8 @@ _COMMON = """
 local p = ARGV[1]
 local function emit(id, kind, data, now)
   local eid = redis.call('INCR', p .. ':seq:event')
-  redis.call('RPUSH', p .. ':events:' .. id,
-    cjson.encode({id = eid, type = kind, data = data, created_at = tonumber(now)}))
+  redis.call('XADD', p .. ':events:' .. id, '*', 'id', eid, 'type', kind, 'data', data,
+    'created_at', now)
 end
 local function queued_score(rank, seq)
   return (3 - tonumber(rank)) * 1e13 + tonumber(seq)

@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 """
 
-WORKER_RETENTION_S = 24 * 3600  # workers not seen for a day leave /status
+WORKER_RETENTION_S = 24 * 3600
+EVENT_POLL_S = 0.05  # workers not seen for a day leave /status
 
 _PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
 
@@ -434,6 +435,17 @@ class SqliteBroker:
             )
             for row in rows
         ]
+
+    def wait_for_events(
+        self, job_id: str, after_id: int = 0, timeout_s: float = 1.0
+    ) -> builtins.list[JobEvent]:
+        """SQLite has no push: poll briefly until an event arrives or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            events = self.events(job_id, after_id)
+            if events or time.monotonic() >= deadline:
+                return events
+            time.sleep(min(EVENT_POLL_S, max(deadline - time.monotonic(), 0)))
 
     def reclaim(self, *, stale_after_s: float, worker_id: str | None = None) -> builtins.list[str]:
         with self._write() as db:

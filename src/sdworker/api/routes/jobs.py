@@ -122,9 +122,10 @@ async def job_events(
 async def _event_stream(
     services: Services, job_id: str, after: int
 ) -> AsyncIterator[ServerSentEvent]:
-    broker, poll = services.broker, services.settings.poll_interval_s
+    broker = services.broker
     while True:
-        events = await run_in_threadpool(broker.events, job_id, after)
+        # Blocks up to a second for the next event (Redis: XREAD BLOCK; SQLite: polls).
+        events = await run_in_threadpool(broker.wait_for_events, job_id, after, 1.0)
         for event in events:
             after = event.id
             yield ServerSentEvent(
@@ -136,7 +137,6 @@ async def _event_stream(
             job = await run_in_threadpool(broker.get, job_id)
             if job.status.is_terminal():  # resumed after the terminal event: nothing more
                 return
-        await asyncio.sleep(poll)
 
 
 @router.post(
