@@ -249,7 +249,12 @@ class Settings(BaseSettings):
         validation_alias=_env("DRAIN_TIMEOUT_S"),
         description="On shutdown, how long the running job may take before it is re-queued.",
     )
-    poll_interval_s: float = Field(default=0.2, gt=0, validation_alias=_env("POLL_INTERVAL_S"))
+    poll_interval_s: float = Field(
+        default=0.1,
+        gt=0,
+        validation_alias=_env("POLL_INTERVAL_S"),
+        description="How often an idle worker looks for work (SQLite has no push).",
+    )
     run_worker: bool = Field(
         default=True,
         validation_alias=_env("RUN_WORKER"),

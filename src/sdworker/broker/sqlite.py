@@ -254,6 +254,14 @@ class SqliteBroker:
 
     def claim(self, worker_id: str) -> Job | None:
         now = time.time()
+        # A read first: idle workers polling an empty queue never take the write lock.
+        if (
+            self._connection()
+            .execute("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1")
+            .fetchone()
+            is None
+        ):
+            return None
         with self._write() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, "
