@@ -44,6 +44,9 @@ _TERMINAL_EVENTS = {
     JobStatus.CANCELED: EventType.CANCELED,
 }
 
+MAX_BACKOFF_S = 5.0
+FINAL_WRITE_ATTEMPTS = 8  # about 40 s of retries before leaving the job to reclaim
+
 # Exit status that tells the supervisor the device is unusable (e.g. a lost CUDA context).
 EXIT_FATAL_ENGINE = 70
 
@@ -121,11 +124,22 @@ class Worker:
         self._info.model_loaded = True
         self._send_heartbeat()
         last_reclaim = 0.0
+        outage = 0  # consecutive broker errors: back off while the broker is away
         while not self._stop.is_set():
-            if time.monotonic() - last_reclaim > self._settings.heartbeat_interval_s:
-                self._broker.reclaim(stale_after_s=self._settings.heartbeat_timeout_s)
-                last_reclaim = time.monotonic()
-            if not self.run_once():
+            try:
+                if time.monotonic() - last_reclaim > self._settings.heartbeat_interval_s:
+                    self._broker.reclaim(stale_after_s=self._settings.heartbeat_timeout_s)
+                    last_reclaim = time.monotonic()
+                busy = self.run_once()
+                outage = 0
+            except FatalEngineError:
+                raise
+            except Exception:
+                outage += 1
+                log.warning("broker unavailable (attempt %s); retrying", outage, exc_info=True)
+                self._stop.wait(min(self._settings.poll_interval_s * 2**outage, MAX_BACKOFF_S))
+                continue
+            if not busy:
                 self._stop.wait(self._settings.poll_interval_s)
         self._info.current_job = None
         self._send_heartbeat()
@@ -189,7 +203,33 @@ class Worker:
             self._fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def _fail(self, job: Job, code: str, message: str) -> None:
-        self._broker.fail(job.id, self.id, JobError(code=code, message=message))
+        self._reliably(self._broker.fail, job.id, self.id, JobError(code=code, message=message))
+
+    def _reliably(self, call: Callable[..., object], *args: object) -> None:
+        """A job's final broker write, retried through a broker outage. If it never gets
+        through, the job is left running: its heartbeat stops and it is reclaimed and run
+        again (assets have fixed keys, so a re-run overwrites them)."""
+        for attempt in range(1, FINAL_WRITE_ATTEMPTS + 1):
+            try:
+                call(*args)
+                return
+            except Exception:
+                log.warning("broker write failed (attempt %s)", attempt, exc_info=True)
+                time.sleep(min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF_S))
+        log.error("giving up on a broker write for job %s; it will be reclaimed", args[0])
+
+    def _progress(self, job: Job, step: int, total: int) -> None:
+        """Progress is best effort: a broker hiccup must not fail the job."""
+        try:
+            self._broker.progress(job.id, self.id, step, total)
+        except Exception:
+            log.warning("could not record progress of job %s", job.id, exc_info=True)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self._broker.cancel_requested(job_id)
+        except Exception:  # unknown for now: keep going, ask again next step
+            return False
 
     def _run(self, job: Job) -> None:
         from sdworker.engine.engine import Cancelled
@@ -202,7 +242,7 @@ class Worker:
             now = time.monotonic()
             if step >= total or now - last_sent >= interval:
                 last_sent = now
-                self._broker.progress(job.id, self.id, step, total)
+                self._progress(job, step, total)
                 if self._webhooks is not None and job.spec.webhook_progress and step < total:
                     progress = JobProgress(step=step, total_steps=total)
                     self._webhooks.notify(
@@ -211,13 +251,13 @@ class Worker:
 
         _reset_peak_vram()
         outcome = self._engine.run(
-            job.spec, on_step=on_step, is_cancelled=lambda: self._broker.cancel_requested(job.id)
+            job.spec, on_step=on_step, is_cancelled=lambda: self._cancel_requested(job.id)
         )
         if isinstance(outcome, Cancelled):
-            self._broker.mark_canceled(job.id, self.id)
+            self._reliably(self._broker.mark_canceled, job.id, self.id)
             return
         result = self._store(job, outcome)
-        self._broker.complete(job.id, self.id, result)
+        self._reliably(self._broker.complete, job.id, self.id, result)
 
     def _store(self, job: Job, outcome: EngineResult) -> JobResult:
         spec, plan = job.spec, outcome.plan

@@ -1083,3 +1083,20 @@ def test_wait_for_events_returns_at_once_blocks_for_new_ones_and_times_out(
         timer.join()
     assert [e.type for e in events] == [E.STARTED]
     assert 0.2 <= waited < 3
+
+
+def test_a_heartbeat_keeps_only_the_job_the_worker_says_it_holds(broker: BrokerHandle) -> None:
+    """A claim whose reply the worker never got (a broker blip) must not be kept alive by
+    the worker's heartbeats: it goes stale and is reclaimed."""
+    import time
+
+    orphan = start(broker, "w1", prompt="orphan")
+    held = start(broker, "w1", prompt="held")
+    time.sleep(0.3)
+    broker.heartbeat(WorkerInfo(id="w1", current_job=held.id))
+
+    reclaimed = broker.reclaim(stale_after_s=0.2)
+
+    assert reclaimed == [orphan.id]
+    assert broker.get(orphan.id).status == S.QUEUED
+    assert broker.get(held.id).status == S.RUNNING

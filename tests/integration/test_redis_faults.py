@@ -369,13 +369,6 @@ def test_no_job_is_lost_when_redis_restarts_under_a_supervisor(
     cluster.assert_streams_drained()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Worker.run_forever has no handling of broker errors: the redis "
-    "ConnectionError raised by claim()/reclaim() in the loop (or by fail() after a "
-    "progress() error) ends the worker process while Redis restarts; the jobs only finish "
-    "if a supervisor starts new workers",
-)
 def test_workers_ride_out_a_redis_restart_without_a_supervisor(
     own_redis: RedisServer, make_cluster: Callable[[RedisServer], Cluster]
 ) -> None:
@@ -392,12 +385,6 @@ def test_workers_ride_out_a_redis_restart_without_a_supervisor(
     assert cluster.alive() == workers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a broker error inside the engine's step callback (progress() raising "
-    "redis ConnectionError) is caught by Worker.process as an engine failure and the job "
-    "is failed for good with code internal_error, not retried",
-)
 def test_a_transient_broker_error_during_a_job_does_not_fail_it(
     shared_redis: RedisServer, make_cluster: Callable[[RedisServer], Cluster]
 ) -> None:

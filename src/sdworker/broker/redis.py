@@ -162,10 +162,14 @@ class RedisBroker:
         seen = info.model_copy(update={"last_seen": datetime.fromtimestamp(now, UTC)})
         pipe = self._redis.pipeline()
         pipe.hset(self._key("workers"), info.id, seen.model_dump_json())
-        for job_id in self._redis.smembers(self._key("running")):
-            job = self._key("job", job_id)
-            owner, stream, entry = self._redis.hmget(job, "worker_id", "stream", "entry")
-            if owner == info.id and stream and entry:
+        if info.current_job:
+            # Only the job the worker says it holds: a claim whose reply never reached the
+            # worker goes idle and is reclaimed instead of being kept alive.
+            job = self._key("job", info.current_job)
+            owner, status, stream, entry = self._redis.hmget(
+                job, "worker_id", "status", "stream", "entry"
+            )
+            if owner == info.id and status == "running" and stream and entry:
                 pipe.hset(job, "heartbeat_at", now)
                 # Re-claiming resets the entry's idle time: XAUTOCLAIM leaves it alone.
                 pipe.xclaim(self._stream(stream), GROUP, info.id, 0, [entry], justid=True)

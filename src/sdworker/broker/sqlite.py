@@ -290,9 +290,12 @@ class SqliteBroker:
                 "last_seen = excluded.last_seen",
                 (info.id, seen.model_dump_json(), now),
             )
+            # Only the job the worker says it holds: a claim whose reply the worker never
+            # got (a broker blip) goes stale and is reclaimed instead of being kept alive.
             db.execute(
-                "UPDATE jobs SET heartbeat_at = ? WHERE status = 'running' AND worker_id = ?",
-                (now, info.id),
+                "UPDATE jobs SET heartbeat_at = ? "
+                "WHERE id = ? AND status = 'running' AND worker_id = ?",
+                (now, info.current_job, info.id),
             )
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_RETENTION_S,))
 
