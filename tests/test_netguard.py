@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -170,3 +171,49 @@ def test_public_address_is_pinned_with_the_host_kept_for_tls() -> None:
     assert (target.host, target.host_header, target.scheme) == (
         "93.184.215.14", "93.184.215.14:8443", "https",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:{port}/x.png",
+        "http://[::1]:{port}/x.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0x7f000001:{port}/x.png",
+        "http://[::ffff:127.0.0.1]:{port}/x.png",
+        "file:///etc/passwd",
+    ],
+)
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_the_api_refuses_such_inputs_with_a_422_naming_the_field(
+    tmp_path: Path, listener: Listener, template: str, field: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from sdworker.api.app import create_app
+    from sdworker.settings import Settings
+
+    url = template.format(port=listener.port)
+    body = (
+        {"prompt": "x", "image": url, "mask": url}
+        if field == "mask"
+        else {"prompt": "x", "image": url}
+    )
+    if field == "mask":  # a valid inline image, so the mask is what gets refused
+        body["image"] = "data:image/png;base64," + _png_base64()
+    with TestClient(create_app(Settings(_env_file=None, data_dir=tmp_path))) as client:
+        response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+    assert listener.accepted == 0
+
+
+def _png_base64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
