@@ -77,7 +77,9 @@ class JobSpec(BaseModel):
         default=None,
         description="text2img, img2img or inpaint; inferred from image/mask when omitted.",
     )
-    model: str | None = Field(default=None, description="Model name; the default when omitted.")
+    model: str | None = Field(
+        default=None, max_length=255, description="Model name; the default when omitted."
+    )
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int | None = Field(default=None, ge=1, description="Pixels, a multiple of 8.")

@@ -60,8 +60,7 @@ class AddressPolicy:
         return any(address in network for network in self.allow_networks)
 
     def check_address(self, address: IPAddress) -> None:
-        mapped = getattr(address, "ipv4_mapped", None) or getattr(address, "sixtofour", None)
-        candidates = [address] if mapped is None else [address, mapped]
+        candidates = [address, *_embedded_ipv4(address)]
         for candidate in candidates:
             if self._allowed(candidate):
                 return
@@ -70,10 +69,13 @@ class AddressPolicy:
 
     def resolve(self, url: str) -> Target:
         """Check a URL and pick the address to connect to; UnsafeUrlError if refused."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+        except ValueError:  # e.g. an unclosed "[" in the host
+            raise UnsafeUrlError("it is not a valid URL") from None
         if parts.scheme not in {"http", "https"}:
             raise UnsafeUrlError("only http and https URLs are accepted")
-        host = (parts.hostname or "").lower()
         if not host:
             raise UnsafeUrlError("the URL has no host")
         if parts.username or parts.password:
@@ -87,6 +89,25 @@ class AddressPolicy:
             for address in addresses:
                 self.check_address(address)
         return _pinned(parts, host, addresses[0])
+
+
+# IPv6 ranges that carry an IPv4 address in their last 32 bits: NAT64 (RFC 6052 and
+# RFC 8215) and the deprecated IPv4-compatible form; Python calls some of them global.
+_IPV4_CARRIERS = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")
+)
+
+
+def _embedded_ipv4(address: IPAddress) -> list[IPAddress]:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found: list[IPAddress] = []
+    for embedded in (address.ipv4_mapped, address.sixtofour):
+        if embedded is not None:
+            found.append(embedded)
+    if any(address in network for network in _IPV4_CARRIERS):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:

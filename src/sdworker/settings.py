@@ -52,6 +52,14 @@ class Settings(BaseSettings):
             "hub id (org/name) or a built-in tiny model (tiny-sdxl)."
         ),
     )
+    allowed_models: str = Field(
+        default="",
+        validation_alias=_env("ALLOWED_MODELS"),
+        description=(
+            "Comma-separated hub ids API callers may ask for (downloaded on first use); "
+            "'*' allows any. Callers may always name models under the model root."
+        ),
+    )
     model_config_dir: Path | None = Field(
         default=None,
         validation_alias=_env("MODEL_CONFIG"),
@@ -279,6 +287,10 @@ class Settings(BaseSettings):
     @property
     def address_policy(self) -> AddressPolicy:
         return AddressPolicy.from_list(self.fetch_allow.split(","))
+
+    @property
+    def allowed_model_list(self) -> list[str]:
+        return [name.strip() for name in self.allowed_models.split(",") if name.strip()]
 
     @property
     def webhook_secret_list(self) -> list[str]:

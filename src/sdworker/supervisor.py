@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from ulid import ULID
 
@@ -23,9 +24,17 @@ MAX_RESTART_DELAY_S = 30.0
 
 
 class WorkerSupervisor:
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        on_reclaimed: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        """on_reclaimed(job_ids): told of jobs taken back from a dead worker (some may
+        have ended, e.g. failed after their last attempt, and need their webhook)."""
         self._settings = settings
         self._broker = broker
+        self._on_reclaimed = on_reclaimed
         self._process: subprocess.Popen[bytes] | None = None
         self._worker_id: str | None = None
         self._spawned_at = 0.0
@@ -78,9 +87,15 @@ class WorkerSupervisor:
     def _requeue_jobs_of(self, worker_id: str | None) -> None:
         if worker_id is None:
             return
-        requeued = self._broker.reclaim(stale_after_s=0, worker_id=worker_id)
+        try:
+            requeued = self._broker.reclaim(stale_after_s=0, worker_id=worker_id)
+        except Exception:  # the broker is away: the heartbeat timeout will reclaim them
+            log.exception("could not re-queue the jobs of stopped worker %s", worker_id)
+            return
         if requeued:
             log.warning("re-queued jobs of stopped worker %s: %s", worker_id, requeued)
+            if self._on_reclaimed is not None:
+                self._on_reclaimed(requeued)
 
     def stop(self) -> None:
         """Drain: ask the worker to finish its job, wait drain_timeout_s, then kill it and

@@ -25,12 +25,17 @@ import httpx
 from standardwebhooks import Webhook
 
 from sdworker.broker.base import Broker
-from sdworker.jobs import EventType, Job, WebhookAttempt
+from sdworker.jobs import EventType, Job, JobStatus, WebhookAttempt
 from sdworker.netguard import AddressPolicy, UnsafeUrlError, request_extensions
 from sdworker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+TERMINAL_EVENTS = {
+    JobStatus.SUCCEEDED: EventType.COMPLETED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELED: EventType.CANCELED,
+}
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TIMEOUT_S = 15.0
 LANES = 4
@@ -148,6 +153,19 @@ class WebhookSender:
         lane = self._lanes[zlib.crc32(job.id.encode()) % LANES]
         lane.submit(self._deliver, job.id, event, url, message_id, body)
 
+    def notify_ended(self, job_ids: list[str]) -> None:
+        """Webhooks for jobs that a reclaim may have ended (failed after their last
+        attempt, or canceled), which no worker will report."""
+        for job_id in job_ids:
+            try:
+                job = self._broker.get(job_id)
+            except Exception:
+                log.exception("could not read reclaimed job %s", job_id)
+                continue
+            event = TERMINAL_EVENTS.get(job.status)
+            if event is not None:
+                self.notify(job, event)
+
     def _progress_due(self, job_id: str) -> bool:
         now = time.monotonic()
         with self._lock:
@@ -162,10 +180,18 @@ class WebhookSender:
         waiter = threading.Thread(target=self._shutdown)
         waiter.start()
         waiter.join(timeout_s)
+        if waiter.is_alive():
+            log.warning("webhook deliveries still pending at shutdown; dropping the rest")
+            self.abandon()
 
     def _shutdown(self) -> None:
         for lane in self._lanes:
             lane.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Drop deliveries not started yet (after close() timed out)."""
+        for lane in self._lanes:
+            lane.shutdown(wait=False, cancel_futures=True)
 
     def _deliver(self, job_id: str, event: EventType, url: str, message_id: str, body: str) -> None:
         """One delivery with its retries; the same webhook-id on every attempt."""
@@ -220,13 +246,22 @@ class WebhookSender:
                 self._secrets, message_id, timestamp, body
             )
         try:
-            with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
-                response = client.post(
-                    target.url, content=body, headers=headers, extensions=request_extensions(target)
-                )
+            client = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False)
+            # Streamed and never read: a receiver cannot make us hold a huge body.
+            with (
+                client,
+                client.stream(
+                    "POST",
+                    target.url,
+                    content=body,
+                    headers=headers,
+                    extensions=request_extensions(target),
+                ) as response,
+            ):
+                status = response.status_code
+                retry_after = response.headers.get("retry-after")
         except httpx.HTTPError as exc:
             return outcome(error=type(exc).__name__, retryable=True), None
-        status = response.status_code
         delivered = 200 <= status < 300
         retryable = status in RETRY_STATUSES or status >= 500
         error = (
@@ -236,5 +271,5 @@ class WebhookSender:
         )
         return (
             outcome(status_code=status, delivered=delivered, retryable=retryable, error=error),
-            response.headers.get("retry-after"),
+            retry_after,
         )

@@ -23,14 +23,13 @@ from sdworker.jobs import (
     JobError,
     JobProgress,
     JobResult,
-    JobStatus,
     JobTimings,
     LatentsOutput,
 )
 from sdworker.media import encode_image, generation_parameters, thumbnail_webp
 from sdworker.settings import Settings
 from sdworker.storage.base import Storage, content_type_of, image_key, thumbnail_key
-from sdworker.webhooks import WebhookSender
+from sdworker.webhooks import TERMINAL_EVENTS, WebhookSender
 
 if TYPE_CHECKING:
     from sdworker.engine.engine import Cancelled, EngineResult
@@ -38,11 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_TERMINAL_EVENTS = {
-    JobStatus.SUCCEEDED: EventType.COMPLETED,
-    JobStatus.FAILED: EventType.FAILED,
-    JobStatus.CANCELED: EventType.CANCELED,
-}
 
 MAX_BACKOFF_S = 5.0
 FINAL_WRITE_ATTEMPTS = 8  # about 40 s of retries before leaving the job to reclaim
@@ -128,8 +122,12 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_reclaim > self._settings.heartbeat_interval_s:
-                    self._broker.reclaim(stale_after_s=self._settings.heartbeat_timeout_s)
+                    reclaimed = self._broker.reclaim(
+                        stale_after_s=self._settings.heartbeat_timeout_s
+                    )
                     last_reclaim = time.monotonic()
+                    if reclaimed and self._webhooks is not None:
+                        self._webhooks.notify_ended(reclaimed)
                 busy = self.run_once()
                 outage = 0
             except FatalEngineError:
@@ -165,7 +163,7 @@ class Worker:
 
     def _send_heartbeat(self) -> None:
         try:
-            self._info.vram_used_bytes = _vram_used_bytes()
+            self._info.vram_used_bytes = _vram_used_bytes(self._info.device)
             self._broker.heartbeat(self._info)
         except Exception:  # a missed heartbeat must not kill the worker
             log.exception("heartbeat failed")
@@ -183,8 +181,12 @@ class Worker:
     def _notify_terminal(self, job_id: str) -> None:
         if self._webhooks is None:
             return
-        job = self._broker.get(job_id)
-        event = _TERMINAL_EVENTS.get(job.status)
+        try:
+            job = self._broker.get(job_id)
+        except Exception:  # never let a webhook lookup hide the job's own outcome
+            log.exception("could not read job %s for its webhook", job_id)
+            return
+        event = TERMINAL_EVENTS.get(job.status)
         if event is not None and job.worker_id == self.id:
             self._webhooks.notify(job, event)
 
@@ -249,7 +251,7 @@ class Worker:
                         job.model_copy(update={"progress": progress}), EventType.PROGRESS
                     )
 
-        _reset_peak_vram()
+        _reset_peak_vram(self._info.device)
         outcome = self._engine.run(
             job.spec, on_step=on_step, is_cancelled=lambda: self._cancel_requested(job.id)
         )
@@ -325,32 +327,34 @@ class Worker:
             ),
             warnings=outcome.warnings,
             latents=latents,
-            vram_used_bytes=_peak_vram_bytes(),
+            vram_used_bytes=_peak_vram_bytes(self._info.device),
         )
 
 
-def _cuda() -> Any:
-    """torch.cuda when torch is already loaded by the engine and a GPU is in use."""
+def _cuda(device: str) -> Any:
+    """torch.cuda when this worker runs on a GPU (torch is loaded by then)."""
     torch = sys.modules.get("torch")
-    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+    if torch is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda
 
 
-def _vram_used_bytes() -> int | None:
-    """Device memory held by this process now."""
-    cuda = _cuda()
-    return int(cuda.memory_allocated()) if cuda else None
+def _vram_used_bytes(device: str) -> int | None:
+    """Device memory held by this process now, on the worker's own GPU."""
+    cuda = _cuda(device)
+    return int(cuda.memory_allocated(device)) if cuda else None
 
 
-def _reset_peak_vram() -> None:
-    cuda = _cuda()
+def _reset_peak_vram(device: str) -> None:
+    cuda = _cuda(device)
     if cuda:
-        cuda.reset_peak_memory_stats()
+        cuda.reset_peak_memory_stats(device)
 
 
-def _peak_vram_bytes() -> int | None:
+def _peak_vram_bytes(device: str) -> int | None:
     """Most device memory held during the job."""
-    cuda = _cuda()
-    return int(cuda.max_memory_allocated()) if cuda else None
+    cuda = _cuda(device)
+    return int(cuda.max_memory_allocated(device)) if cuda else None
 
 
 def run_worker_process(settings: Settings, worker_id: str, parent_pid: int | None = None) -> int:

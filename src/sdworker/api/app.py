@@ -39,7 +39,9 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
         if manage_worker:
             from sdworker.supervisor import WorkerSupervisor
 
-            services.supervisor = WorkerSupervisor(settings, broker)
+            services.supervisor = WorkerSupervisor(
+                settings, broker, on_reclaimed=services.webhooks.notify_ended
+            )
             services.supervisor.start()
         try:
             yield

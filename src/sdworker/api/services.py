@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import anyio
 from prometheus_client import CollectorRegistry
 
 from sdworker.broker.base import Broker
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from sdworker.supervisor import WorkerSupervisor
 
 
+STREAM_THREADS = 64
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -27,6 +31,10 @@ class Services:
     registry: CollectorRegistry
     webhooks: WebhookSender
     supervisor: WorkerSupervisor | None = None
+    # Threads for SSE waits (each open stream holds one for up to a second at a time).
+    stream_limiter: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(STREAM_THREADS)
+    )
     started_at: float = field(default_factory=time.monotonic)
 
     profiles: dict[str, FamilyProfile] = field(default_factory=dict)

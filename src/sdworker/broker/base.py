@@ -58,7 +58,9 @@ class Broker(Protocol):
 
     Delivery is at-least-once: a job whose worker stops heartbeating is reclaimed and may
     run again. Completion is idempotent: only the worker that holds a running job can
-    finish it, once.
+    finish it, once. Where a re-queued job lands within its priority is the backend's:
+    SQLite keeps its first place (it runs next), Redis appends it to the stream (it runs
+    after the jobs already waiting); queue_position reports either truthfully.
     """
 
     def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:

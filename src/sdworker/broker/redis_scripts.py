@@ -55,8 +55,9 @@ local function requeue(id, job, reason, now)
   redis.call('SREM', p .. ':running', id)
   local new_entry = redis.call('XADD', p .. ':stream:' .. stream, '*', 'job', id)
   redis.call('HSET', job, 'entry', new_entry)
-  redis.call('ZADD', p .. ':queued',
-    queued_score(redis.call('HGET', job, 'priority'), redis.call('HGET', job, 'seq')), id)
+  -- back of its priority, like its new stream entry, so queue_position tells the truth
+  local order = redis.call('INCR', p .. ':seq:job')
+  redis.call('ZADD', p .. ':queued', queued_score(redis.call('HGET', job, 'priority'), order), id)
   emit(id, 'queued', cjson.encode({reason = reason}), now)
 end
 local function held(job, worker)

@@ -109,7 +109,9 @@ class SqliteBroker:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._max_attempts = max_attempts
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # thread -> its connection; connections of finished threads are closed when the
+        # next one opens (thread pools retire and start threads all the time).
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._connections_lock = threading.Lock()
         self._connection().executescript(_SCHEMA)
 
@@ -128,7 +130,9 @@ class SqliteBroker:
             db.execute("PRAGMA busy_timeout=30000")
             self._local.db = db
             with self._connections_lock:
-                self._connections.append(db)
+                for thread in [t for t in self._connections if not t.is_alive()]:
+                    self._connections.pop(thread).close()
+                self._connections[threading.current_thread()] = db
         return db
 
     @contextmanager
@@ -144,7 +148,7 @@ class SqliteBroker:
 
     def close(self) -> None:
         with self._connections_lock:
-            for db in self._connections:
+            for db in self._connections.values():
                 db.close()
             self._connections.clear()
         self._local = threading.local()

@@ -101,11 +101,23 @@ def resolve_model(name: str, settings: Settings, *, trusted: bool = True) -> Mod
         )
     tried = _candidates(name, settings.model_root, trusted=trusted)
     for path in tried:
-        if path.is_dir():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError:  # e.g. a name too long for the file system: not there
+            continue
+        if is_dir:
             return ModelSource(name, SourceKind.FOLDER, str(path), folder_family(path))
-        if path.is_file():
+        if is_file:
             return ModelSource(name, SourceKind.SINGLE_FILE, str(path), single_file_family(path))
     if _HUB_ID_RE.match(name) and not name.startswith((".", "~")):
+        allowed = settings.allowed_model_list
+        if not trusted and name not in allowed and "*" not in allowed:
+            # A hub id means a multi-GB download: callers get only what the operator allows.
+            raise ModelNotFoundError(
+                f"model {name!r} is not available; the operator can allow hub models with "
+                "SDWORKER_ALLOWED_MODELS",
+                field="model",
+            )
         return ModelSource(name, SourceKind.HUB, name, hub_family(name))
     root_hint = (
         f"model root is {settings.model_root}"

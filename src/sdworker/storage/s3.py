@@ -54,10 +54,20 @@ class S3Storage:
         return self.url(key)
 
     def get(self, key: str) -> StoredObject:
+        from botocore.exceptions import ClientError
+
         try:
             reply = self._client.get_object(Bucket=self._bucket, Key=self._object(key))
-        except self._client.exceptions.NoSuchKey:
-            raise AssetNotFoundError(f"no asset {key!r}", field="key") from None
+        except ClientError as exc:
+            # Without s3:ListBucket a missing key answers 403, not 404.
+            if exc.response.get("Error", {}).get("Code") in {
+                "NoSuchKey",
+                "404",
+                "AccessDenied",
+                "403",
+            }:
+                raise AssetNotFoundError(f"no asset {key!r}", field="key") from None
+            raise
         content_type = reply.get("ContentType") or content_type_of(key)
         return StoredObject(reply["Body"].read(), content_type)
 

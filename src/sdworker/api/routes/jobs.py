@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -18,7 +19,7 @@ from sdworker.api.deps import ServicesDep
 from sdworker.api.services import Services
 from sdworker.api.validation import validate_job
 from sdworker.errors import JobConflictError
-from sdworker.jobs import EventType, Job, JobSpec, JobStatus
+from sdworker.jobs import EventType, Job, JobEvent, JobSpec, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -125,18 +126,27 @@ async def _event_stream(
     broker = services.broker
     while True:
         # Blocks up to a second for the next event (Redis: XREAD BLOCK; SQLite: polls).
-        events = await run_in_threadpool(broker.wait_for_events, job_id, after, 1.0)
+        # Waits run on a thread pool of their own, so open streams never starve the
+        # request handlers of threads.
+        events = await anyio.to_thread.run_sync(
+            broker.wait_for_events, job_id, after, 1.0, limiter=services.stream_limiter
+        )
         for event in events:
             after = event.id
-            yield ServerSentEvent(
-                data=json.dumps(event.data), event=event.type.value, id=str(event.id)
-            )
+            yield _sse(event)
             if event.type.is_terminal():
                 return
         if not events:
             job = await run_in_threadpool(broker.get, job_id)
-            if job.status.is_terminal():  # resumed after the terminal event: nothing more
+            if job.status.is_terminal():
+                # It may have ended between the wait and this read: send what is left.
+                for event in await run_in_threadpool(broker.events, job_id, after):
+                    yield _sse(event)
                 return
+
+
+def _sse(event: JobEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(event.data), event=event.type.value, id=str(event.id))
 
 
 @router.post(
