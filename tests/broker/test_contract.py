@@ -1100,3 +1100,12 @@ def test_a_heartbeat_keeps_only_the_job_the_worker_says_it_holds(broker: BrokerH
     assert reclaimed == [orphan.id]
     assert broker.get(orphan.id).status == S.QUEUED
     assert broker.get(held.id).status == S.RUNNING
+
+
+def test_workers_lists_the_registry_cheaply(broker: BrokerHandle) -> None:
+    broker.heartbeat(WorkerInfo(id="b", device="cuda:1"))
+    broker.heartbeat(WorkerInfo(id="a", device="cuda:0"))
+    workers = broker.workers()
+    assert [(w.id, w.device) for w in workers] == [("a", "cuda:0"), ("b", "cuda:1")]
+    assert all(w.last_seen is not None for w in workers)
+    assert workers == broker.stats().workers

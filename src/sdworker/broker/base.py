@@ -142,6 +142,10 @@ class Broker(Protocol):
         """Append a webhook delivery attempt to the job's record."""
         ...
 
+    def workers(self) -> builtins.list[WorkerInfo]:
+        """The workers seen recently, with their last heartbeat (cheap: /health uses it)."""
+        ...
+
     def stats(self) -> BrokerStats:
         """Queue depth per priority, running count, finished counts, workers seen."""
         ...

@@ -350,11 +350,12 @@ class RedisBroker:
         stats.duration_buckets = {
             str(bound): int(durations.get(str(bound), 0)) for bound in DURATION_BUCKETS_S
         }
-        workers = self._redis.hgetall(self._key("workers")).values()
-        stats.workers = sorted(
-            (WorkerInfo.model_validate_json(raw) for raw in workers), key=lambda w: w.id
-        )
+        stats.workers = self.workers()
         return stats
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        workers = self._redis.hgetall(self._key("workers")).values()
+        return sorted((WorkerInfo.model_validate_json(raw) for raw in workers), key=lambda w: w.id)
 
     def close(self) -> None:
         self._redis.close()

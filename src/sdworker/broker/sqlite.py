@@ -526,11 +526,14 @@ class SqliteBroker:
         stats.duration_buckets = {
             str(bound): int(row[2 + i] or 0) for i, bound in enumerate(DURATION_BUCKETS_S)
         }
-        stats.workers = [
-            WorkerInfo.model_validate_json(info)
-            for (info,) in db.execute("SELECT info FROM workers ORDER BY id")
-        ]
+        stats.workers = self.workers()
         return stats
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        return [
+            WorkerInfo.model_validate_json(info)
+            for (info,) in self._connection().execute("SELECT info FROM workers ORDER BY id")
+        ]
 
 
 def spec_digest(spec: JobSpec) -> str:

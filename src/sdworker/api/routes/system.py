@@ -38,7 +38,7 @@ def _live_workers(services: Services, workers: list[WorkerInfo]) -> list[WorkerI
 
 def _health(services: Services) -> Health:
     uptime = time.monotonic() - services.started_at
-    live = _live_workers(services, services.broker.stats().workers)
+    live = _live_workers(services, services.broker.workers())
     supervisor = services.supervisor
     if supervisor is not None:  # serve: judge by our own worker
         live = [w for w in live if w.id == supervisor.worker_id]
