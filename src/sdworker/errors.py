@@ -44,12 +44,6 @@ class OutOfMemoryError(SdworkerError):
     code = "out_of_memory"
 
 
-class JobCancelledError(SdworkerError):
-    """The job was cancelled while running."""
-
-    code = "canceled"
-
-
 class JobNotFoundError(SdworkerError):
     """No job with that id."""
 

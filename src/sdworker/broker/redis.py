@@ -31,7 +31,11 @@ from sdworker.broker.base import (
     BrokerStats,
     WorkerInfo,
 )
-from sdworker.broker.sqlite import spec_digest
+from sdworker.broker.records import (
+    WORKER_RETENTION_S,
+    job_from_record,
+    spec_digest,
+)
 from sdworker.errors import JobConflictError, JobNotFoundError
 from sdworker.jobs import (
     EventType,
@@ -49,12 +53,12 @@ from sdworker.jobs import (
 
 GROUP = "workers"
 PRIORITY_ORDER = (Priority.URGENT, Priority.HIGH, Priority.NORMAL, Priority.LOW)
-_PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
-WORKER_RETENTION_S = 24 * 3600
-
-
-def _time(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), UTC) if value else None
+# The hash fields a job record has (absent ones read as None).
+_RECORD_FIELDS = (
+    "id", "status", "spec", "priority", "owner", "attempts", "worker_id", "step",
+    "total_steps", "created_at", "started_at", "finished_at", "result", "error_code",
+    "error_message",
+)  # fmt: skip
 
 
 class RedisBroker:
@@ -99,32 +103,12 @@ class RedisBroker:
         return self._scripts[name](keys=[], args=[self._p, *args])
 
     def _job(self, data: dict[str, str]) -> Job:
-        spec = JobSpec.model_validate_json(data["spec"])
-        error = None
-        if data.get("error_code"):
-            error = JobError(code=data["error_code"], message=data.get("error_message", ""))
-        job = Job(
-            id=data["id"],
-            status=JobStatus(data["status"]),
-            spec=spec,
-            priority=_PRIORITY_BY_RANK[int(data["priority"])],
-            owner=data["owner"],
-            attempts=int(data.get("attempts", 0)),
-            worker_id=data.get("worker_id") or None,
-            progress=JobProgress(
-                step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0))
-            ),
-            created_at=_time(data["created_at"]),
-            started_at=_time(data.get("started_at")),
-            finished_at=_time(data.get("finished_at")),
-            result=JobResult.model_validate_json(data["result"]) if data.get("result") else None,
-            error=error,
-            metadata=spec.metadata,
-            webhook_attempts=[
-                WebhookAttempt.model_validate_json(raw)
-                for raw in self._redis.lrange(self._key("webhooks", data["id"]), 0, -1)
-            ],
-        )
+        fields = {name: data.get(name) for name in _RECORD_FIELDS}
+        attempts = [
+            WebhookAttempt.model_validate_json(raw)
+            for raw in self._redis.lrange(self._key("webhooks", data["id"]), 0, -1)
+        ]
+        job = job_from_record(fields, attempts)
         if job.status is JobStatus.QUEUED:
             rank = self._redis.zrank(self._key("queued"), job.id)
             job.queue_position = None if rank is None else int(rank) + 1

@@ -9,14 +9,12 @@ power loss can lose the last transactions.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,13 @@ from sdworker.broker.base import (
     DURATION_BUCKETS_S,
     BrokerStats,
     WorkerInfo,
+)
+from sdworker.broker.records import (
+    PRIORITY_BY_RANK,
+    WORKER_RETENTION_S,
+    job_from_record,
+    spec_digest,
+    timestamp,
 )
 from sdworker.errors import JobConflictError, JobNotFoundError
 from sdworker.jobs import (
@@ -90,14 +95,7 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 """
 
-WORKER_RETENTION_S = 24 * 3600
-EVENT_POLL_S = 0.05  # workers not seen for a day leave /status
-
-_PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
-
-
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+EVENT_POLL_S = 0.05  # how often wait_for_events looks again
 
 
 class SqliteBroker:
@@ -172,35 +170,13 @@ class SqliteBroker:
 
     def _job(self, db: sqlite3.Connection, row: sqlite3.Row, *, position: bool = False) -> Job:
         """A row as a Job; with position, its place in the queue (a count: get() only)."""
-        spec = JobSpec.model_validate_json(row["spec"])
-        error = (
-            JobError(code=row["error_code"], message=row["error_message"] or "")
-            if row["error_code"]
-            else None
-        )
-        job = Job(
-            id=row["id"],
-            status=JobStatus(row["status"]),
-            spec=spec,
-            priority=_PRIORITY_BY_RANK[row["priority"]],
-            owner=row["owner"],
-            attempts=row["attempts"],
-            worker_id=row["worker_id"],
-            progress=JobProgress(step=row["step"], total_steps=row["total_steps"]),
-            created_at=_time(row["created_at"]),
-            started_at=_time(row["started_at"]),
-            finished_at=_time(row["finished_at"]),
-            result=JobResult.model_validate_json(row["result"]) if row["result"] else None,
-            error=error,
-            metadata=spec.metadata,
-            webhook_attempts=[
-                WebhookAttempt.model_validate_json(attempt)
-                for (attempt,) in db.execute(
-                    "SELECT attempt FROM webhook_attempts WHERE job_id = ? ORDER BY id",
-                    (row["id"],),
-                )
-            ],
-        )
+        attempts = [
+            WebhookAttempt.model_validate_json(attempt)
+            for (attempt,) in db.execute(
+                "SELECT attempt FROM webhook_attempts WHERE job_id = ? ORDER BY id", (row["id"],)
+            )
+        ]
+        job = job_from_record(dict(row), attempts)
         if position and job.status is JobStatus.QUEUED:
             # Two index range counts (an OR in one WHERE would scan every queued row).
             job.queue_position = db.execute(
@@ -286,7 +262,7 @@ class SqliteBroker:
 
     def heartbeat(self, info: WorkerInfo) -> None:
         now = time.time()
-        seen = info.model_copy(update={"last_seen": _time(now)})
+        seen = info.model_copy(update={"last_seen": timestamp(now)})
         with self._write() as db:
             db.execute(
                 "INSERT INTO workers (id, info, last_seen) VALUES (?, ?, ?) "
@@ -446,7 +422,7 @@ class SqliteBroker:
                 job_id=row["job_id"],
                 type=EventType(row["type"]),
                 data=json.loads(row["data"]),
-                created_at=_time(row["created_at"]),
+                created_at=timestamp(row["created_at"]),
             )
             for row in rows
         ]
@@ -507,7 +483,7 @@ class SqliteBroker:
         ):
             status = JobStatus(row["status"])
             if status is JobStatus.QUEUED:
-                stats.queued[_PRIORITY_BY_RANK[row["priority"]].value] = row["n"]
+                stats.queued[PRIORITY_BY_RANK[row["priority"]].value] = row["n"]
             elif status is JobStatus.RUNNING:
                 stats.running += row["n"]
             else:
@@ -534,9 +510,3 @@ class SqliteBroker:
             WorkerInfo.model_validate_json(info)
             for (info,) in self._connection().execute("SELECT info FROM workers ORDER BY id")
         ]
-
-
-def spec_digest(spec: JobSpec) -> str:
-    """Equal specs give equal digests whatever the key order of their metadata."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
