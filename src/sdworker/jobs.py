@@ -4,6 +4,7 @@ and what it produces (Asset, JobResult). Plain data, no I/O, no torch."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -225,6 +226,47 @@ class JobResult(BaseModel):
     vram_used_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
     latents: LatentsOutput | None = None
+    batch_jobs: int = Field(
+        default=1, description="How many jobs shared the batched call that made this one's images."
+    )
+
+
+# What may differ between jobs run in one batched call: everything per image or per job
+# outside the denoising loop. Any other field (and any field added later) must be equal.
+BATCH_VARYING_FIELDS = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "num_images",
+        "seed",
+        "image",
+        "mask",
+        "priority",
+        "output_format",
+        "return_base64",
+        "return_latents",
+        "webhook",
+        "webhook_progress",
+        "metadata",
+    }
+)
+
+
+def batch_key_of(spec: JobSpec) -> str | None:
+    """Jobs with equal keys can share one batched pipeline call (same model, task, size,
+    steps, scheduler, guidance, strength...); None: the job always runs alone.
+
+    A missing negative prompt is part of the key: SDXL then uses zero embeddings, which
+    cannot be mixed with text ones in one call. Inpainting jobs of several images run
+    alone: diffusers encodes their one input image with the first image's generator only,
+    which a batch (an input image per output image) cannot reproduce."""
+    if spec.mask is not None and spec.num_images > 1:
+        return None
+    shared = spec.model_dump(mode="json", exclude=set(BATCH_VARYING_FIELDS))
+    shared["has_negative_prompt"] = bool(spec.negative_prompt)
+    shared["has_image"], shared["has_mask"] = spec.image is not None, spec.mask is not None
+    canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 class WebhookAttempt(BaseModel):

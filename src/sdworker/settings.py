@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sdworker.netguard import AddressPolicy
 
 DtypeName = Literal["auto", "fp16", "bf16", "fp32"]
+Switch = Literal["auto", "on", "off"]
+CompileMode = Literal["auto", "off", "regional", "full"]
 
 DEFAULT_MODEL = "tiny-sdxl"
 
@@ -103,10 +105,77 @@ class Settings(BaseSettings):
         validation_alias=_env("CPU_OFFLOAD"),
         description="Keep models in host memory and move each to the GPU only while it runs.",
     )
-    compile_unet: bool = Field(
-        default=False,
-        validation_alias=_env("COMPILE_UNET"),
-        description="torch.compile the UNet (slow first job, faster after).",
+    channels_last: Switch = Field(
+        default="auto",
+        validation_alias=_env("CHANNELS_LAST"),
+        description="Store UNet and VAE weights channels-last (faster convolutions on "
+        "tensor cores). auto: on for CUDA, off elsewhere.",
+    )
+    fuse_qkv: Switch = Field(
+        default="auto",
+        validation_alias=_env("FUSE_QKV"),
+        description="Fuse attention query/key/value projections into one matmul. "
+        "auto: on for CUDA, off elsewhere.",
+    )
+    vae_dtype: DtypeName = Field(
+        default="auto",
+        validation_alias=_env("VAE_DTYPE"),
+        description="Precision of the VAE decode. auto: the model's dtype, except that an "
+        "fp16 model whose VAE overflows in fp16 (SDXL's, force_upcast) decodes in bf16 "
+        "where the device has it (same range as fp32, half the cost), else fp32.",
+    )
+    compile: CompileMode = Field(
+        default="auto",
+        validation_alias=_env("COMPILE", "COMPILE_UNET"),
+        description="torch.compile the UNet: off; regional (its repeated transformer "
+        "blocks: short compile, most of the speed); full (the whole UNet: longest compile). "
+        "auto: regional on CUDA, off elsewhere. true/false mean full/off.",
+    )
+    compile_vae: Switch = Field(
+        default="auto",
+        validation_alias=_env("COMPILE_VAE"),
+        description="torch.compile the VAE decoder. auto: on when the UNet is compiled.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="default",
+        validation_alias=_env("COMPILE_MODE"),
+        description="torch.compile mode: reduce-overhead adds CUDA graphs (pays off for "
+        "small images and few-step models, where kernel launches dominate).",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("COMPILE_CACHE_DIR"),
+        description="Persistent Inductor/Triton cache, so a restarted worker skips "
+        "compiling (default: <cache dir>/compile; mount it on a volume).",
+    )
+    warmup: Switch = Field(
+        default="auto",
+        validation_alias=_env("WARMUP"),
+        description="Run a short generation at the default size when a model loads, so "
+        "compilation happens before the first job. auto: on when compiling.",
+    )
+    batch_max_jobs: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        validation_alias=_env("BATCH_MAX_JOBS"),
+        description="Cross-job batching: a worker runs up to this many compatible queued "
+        "jobs (same model, task, size, steps, scheduler, guidance) in one batched call. "
+        "1 turns batching off.",
+    )
+    batch_max_images: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        validation_alias=_env("BATCH_MAX_IMAGES"),
+        description="Most images in one cross-job batch (bounds device memory).",
+    )
+    batch_window_s: float = Field(
+        default=0.02,
+        ge=0,
+        le=10,
+        validation_alias=_env("BATCH_WINDOW_S"),
+        description="How long a worker waits for more compatible jobs once it holds one.",
     )
     max_num_images: int = Field(
         default=8,
@@ -270,6 +339,10 @@ class Settings(BaseSettings):
     )
 
     @property
+    def compile_cache_path(self) -> Path:
+        return self.compile_cache_dir or self.cache_dir / "compile"
+
+    @property
     def database_path(self) -> Path:
         return self.data_dir / "jobs.db"
 
@@ -326,7 +399,30 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, mps, cuda, cuda:N or N, not {value!r}")
         return value
 
-    @field_validator("dtype", mode="before")
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _normalise_compile(cls, value: object) -> object:
+        # SDWORKER_COMPILE_UNET=true of earlier versions meant a full compile.
+        aliases = {"true": "full", "1": "full", "yes": "full", "false": "off", "0": "off"}
+        if isinstance(value, bool):
+            return "full" if value else "off"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return aliases.get(lowered, lowered)
+        return value
+
+    @field_validator("channels_last", "fuse_qkv", "compile_vae", "warmup", mode="before")
+    @classmethod
+    def _normalise_switch(cls, value: object) -> object:
+        aliases = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return aliases.get(lowered, lowered)
+        return value
+
+    @field_validator("dtype", "vae_dtype", mode="before")
     @classmethod
     def _normalise_dtype(cls, value: object) -> object:
         aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32"}

@@ -23,8 +23,10 @@ from sdworker.jobs import (
     JobError,
     JobProgress,
     JobResult,
+    JobStatus,
     JobTimings,
     LatentsOutput,
+    batch_key_of,
 )
 from sdworker.media import encode_image, generation_parameters, thumbnail_webp
 from sdworker.settings import Settings
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_BACKOFF_S = 5.0
+GATHER_POLL_S = 0.005  # how often a worker looks for more jobs while gathering a batch
 FINAL_WRITE_ATTEMPTS = 8  # about 40 s of retries before leaving the job to reclaim
 
 # Exit status that tells the supervisor the device is unusable (e.g. a lost CUDA context).
@@ -56,6 +59,13 @@ class EngineLike(Protocol):
         on_step: Callable[[int, int], None] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> EngineResult | Cancelled: ...
+
+    def run_batch(
+        self,
+        specs: list[JobSpec],
+        on_step: Callable[[int, int], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> list[EngineResult] | Cancelled: ...
 
 
 class FatalEngineError(Exception):
@@ -143,16 +153,51 @@ class Worker:
         self._send_heartbeat()
 
     def run_once(self) -> bool:
-        """Claim and process one job; False when the queue was empty."""
+        """Claim and process one job (or a batch of compatible ones); False when the
+        queue was empty."""
         job = self._broker.claim(self.id)
         if job is None:
             return False
         self._info.current_job = job.id
         try:
-            self.process(job)
+            jobs = self._gather(job)
+            if len(jobs) == 1:
+                self.process(job)
+            else:
+                self.process_batch(jobs)
         finally:
             self._info.current_job = None
+            self._info.batch_jobs = []
         return True
+
+    def _gather(self, first: Job) -> list[Job]:
+        """Cross-job batching: claim the queue's next jobs while they are compatible with
+        the first (same batch key), up to the job and image limits, waiting at most the
+        gather window for more to arrive."""
+        settings = self._settings
+        key = batch_key_of(first.spec)
+        if settings.batch_max_jobs <= 1 or key is None:
+            return [first]
+        jobs, images = [first], first.spec.num_images
+        deadline = time.monotonic() + settings.batch_window_s
+        while len(jobs) < settings.batch_max_jobs and images < settings.batch_max_images:
+            try:
+                job = self._broker.claim(
+                    self.id, batch_key=key, max_images=settings.batch_max_images - images
+                )
+            except Exception:  # run what we hold; the broker is retried on the next claim
+                log.warning("could not claim more jobs for a batch", exc_info=True)
+                break
+            if job is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                time.sleep(min(GATHER_POLL_S, remaining))
+                continue
+            jobs.append(job)
+            images += job.spec.num_images
+            self._info.batch_jobs = [held.id for held in jobs]
+        return jobs
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self._settings.heartbeat_interval_s):
@@ -189,6 +234,78 @@ class Worker:
         event = TERMINAL_EVENTS.get(job.status)
         if event is not None and job.worker_id == self.id:
             self._webhooks.notify(job, event)
+
+    def process_batch(self, jobs: list[Job]) -> None:
+        """Run claimed compatible jobs in one batched engine call, then store and finish
+        each on its own. If the batch fails, each job is run alone, so that one job's
+        bad input or a batch too large for memory fails only the jobs it should."""
+        try:
+            finished = self._run_batch(jobs)
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                for job in jobs:
+                    self._fail(job, "engine_fatal", f"the device failed: {exc}")
+                    self._notify_terminal(job.id)
+                raise FatalEngineError(str(exc)) from exc
+            log.warning("a batch of %s jobs failed; running each alone", len(jobs), exc_info=True)
+            for job in jobs:
+                if self._still_held(job):
+                    self._info.current_job = job.id
+                    self.process(job)
+            return
+        for job_id in finished:
+            self._notify_terminal(job_id)
+
+    def _still_held(self, job: Job) -> bool:
+        try:
+            current = self._broker.get(job.id)
+        except Exception:
+            return True  # unknown: run it; completion is idempotent
+        return current.status == JobStatus.RUNNING and current.worker_id == self.id
+
+    def _run_batch(self, jobs: list[Job]) -> list[str]:
+        """Returns the jobs it finished (those cancelled meanwhile are already notified)."""
+        from sdworker.engine.engine import Cancelled
+
+        live = {job.id: job for job in jobs}
+        interval = self._settings.progress_interval_s
+        last_sent = 0.0
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_sent
+            for job_id in [i for i in live if self._cancel_requested(i)]:
+                # A cancelled job leaves the batch at once; the others run on.
+                self._reliably(self._broker.mark_canceled, job_id, self.id)
+                self._notify_terminal(job_id)
+                del live[job_id]
+            now = time.monotonic()
+            if step >= total or now - last_sent >= interval:
+                last_sent = now
+                for job in live.values():
+                    self._progress(job, step, total)
+                    if self._webhooks is not None and job.spec.webhook_progress and step < total:
+                        progress = JobProgress(step=step, total_steps=total)
+                        self._webhooks.notify(
+                            job.model_copy(update={"progress": progress}), EventType.PROGRESS
+                        )
+
+        _reset_peak_vram(self._info.device)
+        outcome = self._engine.run_batch(
+            [job.spec for job in jobs], on_step=on_step, is_cancelled=lambda: not live
+        )
+        if isinstance(outcome, Cancelled):
+            return []  # every job was cancelled and marked so in on_step
+        for job, result in zip(jobs, outcome, strict=True):
+            if job.id not in live:
+                continue
+            try:
+                stored = self._store(job, result)
+            except Exception as exc:  # one job's storage failure must not fail the others
+                log.exception("storing job %s failed", job.id)
+                self._fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
+                continue
+            self._reliably(self._broker.complete, job.id, self.id, stored)
+        return list(live)
 
     def _process(self, job: Job) -> None:
         try:
@@ -328,6 +445,7 @@ class Worker:
             warnings=outcome.warnings,
             latents=latents,
             vram_used_bytes=_peak_vram_bytes(self._info.device),
+            batch_jobs=outcome.batch_jobs,
         )
 
 

@@ -186,15 +186,15 @@ def test_memory_switches_are_applied(settings: Settings) -> None:
                 "vae_slicing": True,
                 "vae_tiling": True,
                 "enable_xformers": True,
-                "compile_unet": True,
+                "compile": "full",
             }
         )
     )
     loaded = switched.load()
     pipe = loaded.pipelines.base
     assert pipe.vae.use_slicing and pipe.vae.use_tiling
-    assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
-    processors = pipe.unet._orig_mod.attn_processors.values()
+    assert pipe.unet._compiled_call_impl is not None  # nn.Module.compile(): compiled in place
+    processors = pipe.unet.attn_processors.values()
     assert all(type(p).__name__ == "SlicedAttnProcessor" for p in processors)
     assert any("xformers is not installed" in w for w in loaded.warnings)
 

@@ -31,9 +31,19 @@ class WorkerInfo(BaseModel):
     model: str = ""
     model_loaded: bool = False
     current_job: str | None = None
+    batch_jobs: list[str] = Field(
+        default_factory=list, description="Every job of the batch being run (cross-job batching)."
+    )
     vram_used_bytes: int | None = None
     started_at: datetime | None = None
     last_seen: datetime | None = None
+
+    def jobs_held(self) -> list[str]:
+        """The jobs this worker holds and keeps alive with its heartbeats."""
+        held = list(self.batch_jobs)
+        if self.current_job and self.current_job not in held:
+            held.insert(0, self.current_job)
+        return held
 
 
 class BrokerStats(BaseModel):
@@ -69,9 +79,15 @@ class Broker(Protocol):
         JobConflictError when it differs."""
         ...
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(
+        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+    ) -> Job | None:
         """Take the next queued job (highest priority, then oldest) for a worker: it
-        becomes running, attempts grows by one, `started` is emitted."""
+        becomes running, attempts grows by one, `started` is emitted.
+
+        With batch_key (cross-job batching), take it only when that next job has this
+        batch key (jobs.batch_key_of) and at most max_images images; otherwise None, and
+        the queue is left as it was: a batch never takes jobs out of order."""
         ...
 
     def heartbeat(self, info: WorkerInfo) -> None:

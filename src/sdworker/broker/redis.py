@@ -48,6 +48,7 @@ from sdworker.jobs import (
     JobStatus,
     Priority,
     WebhookAttempt,
+    batch_key_of,
     owner_of,
 )
 
@@ -126,7 +127,7 @@ class RedisBroker:
         job_id, created = self._run(
             "ENQUEUE", str(ULID()), spec.model_dump_json(), spec_digest(spec),
             idempotency_key or "", spec.priority.rank, spec.priority.value, owner_of(spec),
-            time.time(),
+            time.time(), batch_key_of(spec) or "", spec.num_images,
         )  # fmt: skip
         if int(created) == -1:
             raise JobConflictError(
@@ -136,9 +137,14 @@ class RedisBroker:
             )
         return self.get(job_id), bool(int(created))
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(
+        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+    ) -> Job | None:
+        if batch_key == "":
+            return None  # the key of jobs that never join a batch
         streams = [priority.value for priority in PRIORITY_ORDER]
-        job_id = self._run("CLAIM", worker_id, time.time(), *streams)
+        limit = -1 if max_images is None else max_images
+        job_id = self._run("CLAIM", worker_id, time.time(), batch_key or "", limit, *streams)
         return self.get(job_id) if job_id else None
 
     def heartbeat(self, info: WorkerInfo) -> None:
@@ -146,10 +152,10 @@ class RedisBroker:
         seen = info.model_copy(update={"last_seen": datetime.fromtimestamp(now, UTC)})
         pipe = self._redis.pipeline()
         pipe.hset(self._key("workers"), info.id, seen.model_dump_json())
-        if info.current_job:
-            # Only the job the worker says it holds: a claim whose reply never reached the
-            # worker goes idle and is reclaimed instead of being kept alive.
-            job = self._key("job", info.current_job)
+        for job_id in info.jobs_held():
+            # Only the jobs the worker says it holds: a claim whose reply never reached
+            # the worker goes idle and is reclaimed instead of being kept alive.
+            job = self._key("job", job_id)
             owner, status, stream, entry = self._redis.hmget(
                 job, "worker_id", "status", "stream", "entry"
             )

@@ -66,7 +66,8 @@ local function held(job, worker)
 end
 """
 
-# ARGV: prefix, id, spec, spec_hash, idempotency key or '', rank, priority, owner, now
+# ARGV: prefix, id, spec, spec_hash, idempotency key or '', rank, priority, owner, now,
+# batch key, number of images
 ENQUEUE = (
     _COMMON
     + """
@@ -84,7 +85,8 @@ local seq = redis.call('INCR', p .. ':seq:job')
 local job = p .. ':job:' .. id
 redis.call('HSET', job, 'id', id, 'status', 'queued', 'priority', ARGV[6], 'owner', ARGV[8],
   'spec', ARGV[3], 'spec_hash', ARGV[4], 'attempts', 0, 'step', 0, 'total_steps', 0,
-  'cancel_requested', 0, 'created_at', ARGV[9], 'seq', seq, 'stream', ARGV[7])
+  'cancel_requested', 0, 'created_at', ARGV[9], 'seq', seq, 'stream', ARGV[7],
+  'batch_key', ARGV[10], 'num_images', ARGV[11])
 if key ~= '' then
   redis.call('SET', p .. ':idem:' .. key, id)
   redis.call('HSET', job, 'idempotency_key', key)
@@ -99,33 +101,71 @@ return {id, 1}
 """
 )
 
-# ARGV: prefix, worker, now, stream names in priority order...
+# ARGV: prefix, worker, now, batch key ('' = any job), max images (-1 = any),
+# stream names in priority order...
 CLAIM = (
     _COMMON
     + """
-local worker, now = ARGV[2], ARGV[3]
-for i = 4, #ARGV do
+local worker, now, batch_key, max_images = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local function take(stream)
+  local reply = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1,
+    'STREAMS', stream, '>')
+  if not reply then return nil end
+  return reply[1][2][1]
+end
+local function live(entry)
+  local job = p .. ':job:' .. entry[2][2]
+  return redis.call('HGET', job, 'status') == 'queued'
+    and redis.call('HGET', job, 'entry') == entry[1]
+end
+local function drop(stream, entry)
+  -- a canceled or superseded entry: acknowledge it and look further
+  redis.call('XACK', stream, 'workers', entry[1])
+  redis.call('XDEL', stream, entry[1])
+end
+local function start(entry)
+  local id = entry[2][2]
+  local job = p .. ':job:' .. id
+  local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('HSET', job, 'status', 'running', 'worker_id', worker, 'started_at', now,
+    'heartbeat_at', now, 'step', 0, 'total_steps', 0)
+  redis.call('ZREM', p .. ':queued', id)
+  redis.call('SADD', p .. ':running', id)
+  emit(id, 'started', cjson.encode({worker_id = worker, attempt = attempts}), now)
+  return id
+end
+local function next_undelivered(stream)
+  -- the entry XREADGROUP '>' would hand out next, without handing it out
+  local last = '0-0'
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    if fields['name'] == 'workers' then last = fields['last-delivered-id'] end
+  end
+  local entries = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
+  return entries[1]
+end
+for i = 6, #ARGV do
   local stream = p .. ':stream:' .. ARGV[i]
   while true do
-    local reply = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1,
-      'STREAMS', stream, '>')
-    if not reply then break end
-    local entry = reply[1][2][1]
-    local id = entry[2][2]
-    local job = p .. ':job:' .. id
-    if redis.call('HGET', job, 'status') == 'queued'
-        and redis.call('HGET', job, 'entry') == entry[1] then
-      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-      redis.call('HSET', job, 'status', 'running', 'worker_id', worker, 'started_at', now,
-        'heartbeat_at', now, 'step', 0, 'total_steps', 0)
-      redis.call('ZREM', p .. ':queued', id)
-      redis.call('SADD', p .. ':running', id)
-      emit(id, 'started', cjson.encode({worker_id = worker, attempt = attempts}), now)
-      return id
+    if batch_key == '' then
+      local entry = take(stream)
+      if not entry then break end
+      if live(entry) then return start(entry) end
+      drop(stream, entry)
+    else
+      -- a batch takes only the head of the queue, and only a job that fits it
+      local entry = next_undelivered(stream)
+      if not entry then break end
+      if live(entry) then
+        local job = p .. ':job:' .. entry[2][2]
+        if redis.call('HGET', job, 'batch_key') ~= batch_key then return false end
+        if max_images >= 0 and tonumber(redis.call('HGET', job, 'num_images') or '1')
+            > max_images then return false end
+        return start(take(stream))
+      end
+      drop(stream, take(stream))
     end
-    -- a canceled or superseded entry: acknowledge it and look further
-    redis.call('XACK', stream, 'workers', entry[1])
-    redis.call('XDEL', stream, entry[1])
   end
 end
 return false

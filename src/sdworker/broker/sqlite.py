@@ -45,6 +45,7 @@ from sdworker.jobs import (
     JobStatus,
     Priority,
     WebhookAttempt,
+    batch_key_of,
     owner_of,
 )
 
@@ -70,7 +71,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     duration_s REAL,
     result TEXT,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    batch_key TEXT NOT NULL DEFAULT '',
+    num_images INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
@@ -95,6 +98,11 @@ CREATE TABLE IF NOT EXISTS workers (
 );
 """
 
+_ADDED_COLUMNS = {
+    "batch_key": "TEXT NOT NULL DEFAULT ''",
+    "num_images": "INTEGER NOT NULL DEFAULT 1",
+}
+
 EVENT_POLL_S = 0.05  # how often wait_for_events looks again
 
 
@@ -112,6 +120,30 @@ class SqliteBroker:
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._connections_lock = threading.Lock()
         self._connection().executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, for databases made before them."""
+        db = self._connection()
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        missing = [column for column in _ADDED_COLUMNS if column not in columns]
+        if not missing:
+            return
+        with self._write() as write:
+            # Again inside the lock: another process may have migrated meanwhile.
+            columns = {row[1] for row in write.execute("PRAGMA table_info(jobs)")}
+            for column in _ADDED_COLUMNS:
+                if column not in columns:
+                    definition = _ADDED_COLUMNS[column]
+                    write.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+            # Jobs queued before the upgrade get their batch key, so they can join batches.
+            queued = write.execute("SELECT seq, spec FROM jobs WHERE status = 'queued'")
+            for row in queued.fetchall():
+                spec = JobSpec.model_validate_json(row["spec"])
+                write.execute(
+                    "UPDATE jobs SET batch_key = ?, num_images = ? WHERE seq = ?",
+                    (batch_key_of(spec) or "", spec.num_images, row["seq"]),
+                )
 
     # -- connections and transactions -------------------------------------------------
 
@@ -216,7 +248,8 @@ class SqliteBroker:
             job_id = str(ULID())
             db.execute(
                 "INSERT INTO jobs (id, status, priority, owner, spec, spec_hash, "
-                "idempotency_key, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, created_at, batch_key, num_images) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     spec.priority.rank,
@@ -225,6 +258,8 @@ class SqliteBroker:
                     spec_hash,
                     idempotency_key,
                     time.time(),
+                    batch_key_of(spec) or "",
+                    spec.num_images,
                 ),
             )
             self._emit(db, job_id, EventType.QUEUED, {"priority": spec.priority.value})
@@ -232,7 +267,9 @@ class SqliteBroker:
         # Outside the write transaction: the position count must not hold the lock.
         return self._job(self._connection(), row, position=True), True
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(
+        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+    ) -> Job | None:
         now = time.time()
         # A read first: idle workers polling an empty queue never take the write lock.
         if (
@@ -243,15 +280,24 @@ class SqliteBroker:
         ):
             return None
         with self._write() as db:
+            head = db.execute(
+                "SELECT seq, batch_key, num_images FROM jobs WHERE status = 'queued' "
+                "ORDER BY priority DESC, seq LIMIT 1"
+            ).fetchone()
+            if head is None:
+                return None
+            if batch_key is not None and (
+                head["batch_key"] in ("", None)
+                or head["batch_key"] != batch_key
+                or (max_images is not None and head["num_images"] > max_images)
+            ):
+                return None  # only the head of the queue joins a batch: order is kept
             row = db.execute(
                 "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, "
                 "started_at = ?, heartbeat_at = ?, step = 0, total_steps = 0 "
-                "WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' "
-                "ORDER BY priority DESC, seq LIMIT 1) RETURNING *",
-                (worker_id, now, now),
+                "WHERE seq = ? RETURNING *",
+                (worker_id, now, now, head["seq"]),
             ).fetchone()
-            if row is None:
-                return None
             self._emit(
                 db,
                 row["id"],
@@ -272,10 +318,10 @@ class SqliteBroker:
             )
             # Only the job the worker says it holds: a claim whose reply the worker never
             # got (a broker blip) goes stale and is reclaimed instead of being kept alive.
-            db.execute(
+            db.executemany(
                 "UPDATE jobs SET heartbeat_at = ? "
                 "WHERE id = ? AND status = 'running' AND worker_id = ?",
-                (now, info.current_job, info.id),
+                [(now, job_id, info.id) for job_id in info.jobs_held()],
             )
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKER_RETENTION_S,))
 

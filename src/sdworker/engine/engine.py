@@ -16,13 +16,16 @@ from PIL import Image
 from sdworker.engine.models import ModelSource, load_pipeline, resolve_model
 from sdworker.engine.pipelines import PipelineSet
 from sdworker.engine.runtime import (
+    SpeedOptions,
     apply_pipeline_options,
     dtype_name,
+    resolve_speed_options,
     select_device,
     select_dtype,
+    set_vae_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
-from sdworker.errors import OutOfMemoryError
+from sdworker.errors import InvalidJobError, OutOfMemoryError
 from sdworker.families import Task, served_profile
 from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
@@ -55,6 +58,7 @@ class EngineResult:
     latents: Latents | None
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    batch_jobs: int = 1  # jobs that shared the pipeline call
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,10 @@ class LoadedModel:
     source: ModelSource
     pipelines: PipelineSet
     scheduler_config: Any
-    load_s: float
+    speed: SpeedOptions
+    load_s: float  # weights on the device, compiled and warmed up: ready for jobs
     warnings: list[str]
+    warmup_s: float = 0.0
 
 
 class _CancelRequested(Exception):
@@ -130,22 +136,49 @@ class Engine:
         self._unload_locked()
         started = time.perf_counter()
         base = load_pipeline(source, self._settings, self._dtype)
-        warnings = apply_pipeline_options(base, self._settings, self._device)
-        on_switch = None
-        if self._settings.cpu_offload and self._device.type == "cuda":
-            device = self._device
+        speed = resolve_speed_options(
+            self._settings,
+            self._device,
+            self._dtype,
+            vae_force_upcast=bool(getattr(base.vae.config, "force_upcast", False)),
+        )
+        warnings = apply_pipeline_options(base, self._settings, self._device, speed)
+        offload = self._settings.cpu_offload and self._device.type == "cuda"
+        device = self._device
 
-            def on_switch(pipe: Any) -> None:
+        def on_derive(pipe: Any) -> None:
+            # from_pipe casts every shared module to the pipeline dtype: the VAE too.
+            if speed.vae_dtype is not None:
+                set_vae_dtype(pipe.vae, speed.vae_dtype)
+
+        def on_switch(pipe: Any) -> None:
+            if offload:
                 pipe.enable_model_cpu_offload(device=device)
 
-        self._loaded = LoadedModel(
+        loaded = LoadedModel(
             source=source,
-            pipelines=PipelineSet(base, on_switch),
+            pipelines=PipelineSet(base, on_switch if offload else None, on_derive),
             scheduler_config=base.scheduler.config,
-            load_s=time.perf_counter() - started,
+            speed=speed,
+            load_s=0.0,
             warnings=warnings,
         )
-        return self._loaded
+        if speed.warmup:
+            loaded.warmup_s = self._warm_up(loaded)
+        loaded.load_s = time.perf_counter() - started
+        self._loaded = loaded
+        return loaded
+
+    def _warm_up(self, loaded: LoadedModel) -> float:
+        """One short text-to-image run at the family's default size, so that compiling
+        (lazy in torch.compile) happens at load time and not in the first job."""
+        started = time.perf_counter()
+        profile = served_profile(loaded.source.family, loaded.source.name)
+        plan = plan_generation(
+            JobSpec(prompt="warm-up", steps=2, seed=0), profile, max_num_images=1
+        )
+        self._generate(loaded, [plan], [{}], None, None, 0.0)
+        return time.perf_counter() - started
 
     def _unload_locked(self) -> None:
         self._loaded = None
@@ -161,22 +194,41 @@ class Engine:
     ) -> EngineResult | Cancelled:
         """Generate a job's images, reporting (step, total) after every denoising step and
         stopping before the next step once `is_cancelled()` is true."""
-        plan = self.plan(spec)
-        inputs = self._prepare_inputs(plan)
-        source = self.source(spec.model)
+        outcome = self.run_batch([spec], on_step, is_cancelled)
+        return outcome if isinstance(outcome, Cancelled) else outcome[0]
+
+    def run_batch(
+        self,
+        specs: list[JobSpec],
+        on_step: StepCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> list[EngineResult] | Cancelled:
+        """Several compatible jobs (equal jobs.batch_key_of) in one batched pipeline call,
+        one result per spec. Every image keeps its own seed's generator, so a job's images
+        equal those it gets when run alone (up to batched-kernel rounding)."""
+        if not specs:
+            raise ValueError("run_batch needs at least one spec")
+        plans = [self.plan(spec) for spec in specs]
+        sources = {self.source(spec.model) for spec in specs}
+        if len(sources) > 1:
+            raise InvalidJobError("jobs of one batch must use the same model", field="model")
+        check_batchable(plans)
+        inputs = [self._prepare_inputs(plan) for plan in plans]
+        source = sources.pop()
         with self._lock:
             already_loaded = self._loaded is not None and self._loaded.source == source
             loaded = self._load_locked(source)
             load_s = 0.0 if already_loaded else loaded.load_s
             try:
-                return self._generate(loaded, plan, inputs, on_step, is_cancelled, load_s)
+                return self._generate(loaded, plans, inputs, on_step, is_cancelled, load_s)
             except torch.OutOfMemoryError as exc:
                 gc.collect()
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
+                images = sum(plan.num_images for plan in plans)
                 raise OutOfMemoryError(
-                    f"out of device memory for {plan.num_images} image(s) at "
-                    f"{plan.width}x{plan.height}; try fewer images or a smaller size"
+                    f"out of device memory for {images} image(s) at "
+                    f"{plans[0].width}x{plans[0].height}; try fewer images or a smaller size"
                 ) from exc
 
     def _prepare_inputs(self, plan: GenerationPlan) -> dict[str, Image.Image]:
@@ -204,15 +256,17 @@ class Engine:
     def _generate(
         self,
         loaded: LoadedModel,
-        plan: GenerationPlan,
-        inputs: dict[str, Image.Image],
+        plans: list[GenerationPlan],
+        inputs: list[dict[str, Image.Image]],
         on_step: StepCallback | None,
         is_cancelled: CancelCheck | None,
         load_s: float,
-    ) -> EngineResult | Cancelled:
-        pipe = loaded.pipelines.for_task(plan.task)
+    ) -> list[EngineResult] | Cancelled:
+        first = plans[0]
+        pipe = loaded.pipelines.for_task(first.task)
+        seeds = [seed for plan in plans for seed in plan.seeds]
         pipe.scheduler = build_scheduler(
-            find_scheduler(plan.scheduler), loaded.scheduler_config, plan.seeds
+            find_scheduler(first.scheduler), loaded.scheduler_config, seeds
         )
         final: dict[str, torch.Tensor] = {}
 
@@ -227,7 +281,10 @@ class Engine:
                 raise _CancelRequested(index + 1, total)
             return kwargs
 
-        arguments = pipeline_arguments(plan) | inputs
+        if len(plans) == 1:
+            arguments = pipeline_arguments(first) | inputs[0]
+        else:
+            arguments = batch_arguments(plans, inputs)
         started = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -235,22 +292,91 @@ class Engine:
         except _CancelRequested as cancel:
             return Cancelled(step=cancel.step, total_steps=cancel.total)
         inference_s = time.perf_counter() - started
-        latents = None
-        if plan.return_latents and "latents" in final:
-            tensor = final["latents"].detach().to("cpu", torch.float16).contiguous()
-            latents = Latents(data=tensor.numpy().tobytes(), shape=tuple(tensor.shape))
-        return EngineResult(
-            images=list(output.images),
-            seeds=list(plan.seeds),
-            plan=plan,
-            model=loaded.source.name,
-            family=loaded.source.family,
-            device=str(self._device),
-            dtype=dtype_name(self._dtype),
-            latents=latents,
-            timings={"load_s": load_s, "inference_s": inference_s},
-            warnings=[*loaded.warnings, *plan.warnings],
-        )
+        all_latents = None
+        if any(plan.return_latents for plan in plans) and "latents" in final:
+            all_latents = final["latents"].detach().to("cpu", torch.float16).contiguous()
+        results = []
+        offset = 0
+        for plan in plans:
+            end = offset + plan.num_images
+            latents = None
+            if plan.return_latents and all_latents is not None:
+                tensor = all_latents[offset:end].contiguous()
+                latents = Latents(data=tensor.numpy().tobytes(), shape=tuple(tensor.shape))
+            results.append(
+                EngineResult(
+                    images=list(output.images[offset:end]),
+                    seeds=list(plan.seeds),
+                    plan=plan,
+                    model=loaded.source.name,
+                    family=loaded.source.family,
+                    device=str(self._device),
+                    dtype=dtype_name(self._dtype),
+                    latents=latents,
+                    timings={"load_s": load_s, "inference_s": inference_s},
+                    warnings=[*loaded.warnings, *plan.warnings],
+                    batch_jobs=len(plans),
+                )
+            )
+            offset = end
+        return results
+
+
+# Plan fields every job of a batch must share: they shape the one denoising loop.
+_SHARED_PLAN_FIELDS = (
+    "task",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+    "scheduler",
+    "strength",
+)
+
+
+def check_batchable(plans: list[GenerationPlan]) -> None:
+    """Raise InvalidJobError unless the plans can run in one pipeline call."""
+    first = plans[0]
+    if len(plans) > 1 and any(p.task is Task.INPAINT and p.num_images > 1 for p in plans):
+        # see jobs.batch_key_of: diffusers encodes such a job's image with one generator
+        raise InvalidJobError("inpainting jobs of several images run alone", field="num_images")
+    for plan in plans[1:]:
+        for name in _SHARED_PLAN_FIELDS:
+            if getattr(plan, name) != getattr(first, name):
+                raise InvalidJobError(
+                    f"jobs of one batch differ in {name}: {getattr(first, name)!r} vs "
+                    f"{getattr(plan, name)!r}",
+                    field=name,
+                )
+        if (plan.negative_prompt is None) != (first.negative_prompt is None):
+            raise InvalidJobError(
+                "jobs of one batch must all have a negative prompt or all have none",
+                field="negative_prompt",
+            )
+
+
+def batch_arguments(
+    plans: list[GenerationPlan], inputs: list[dict[str, Image.Image]]
+) -> dict[str, Any]:
+    """One diffusers call for several jobs: a prompt (and input image) per image, and
+    one generator per image seeded as the job alone would seed it."""
+    first = plans[0]
+    arguments = pipeline_arguments(first)
+    per_image: dict[str, list[Any]] = {"prompt": [], "negative_prompt": []}
+    for plan, images in zip(plans, inputs, strict=True):
+        for _ in range(plan.num_images):
+            per_image["prompt"].append(plan.prompt)
+            per_image["negative_prompt"].append(plan.negative_prompt)
+            for name, image in images.items():
+                per_image.setdefault(name, []).append(image)
+    arguments |= per_image
+    if first.negative_prompt is None:
+        arguments["negative_prompt"] = None  # zero embeddings for all (SDXL's default)
+    arguments["num_images_per_prompt"] = 1
+    arguments["generator"] = [
+        torch.Generator("cpu").manual_seed(seed) for plan in plans for seed in plan.seeds
+    ]
+    return arguments
 
 
 def pipeline_arguments(plan: GenerationPlan) -> dict[str, Any]:

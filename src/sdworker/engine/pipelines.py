@@ -15,11 +15,18 @@ class PipelineSet:
     pipeline's modules: switching task never loads or copies weights.
     """
 
-    def __init__(self, base: Any, on_switch: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        base: Any,
+        on_switch: Callable[[Any], None] | None = None,
+        on_derive: Callable[[Any], None] | None = None,
+    ) -> None:
         """`on_switch(pipe)` runs when a different task's pipeline becomes active
-        (model CPU offload keeps its hooks per pipeline, so they must be re-attached)."""
+        (model CPU offload keeps its hooks per pipeline, so they must be re-attached);
+        `on_derive(pipe)` runs on each pipeline made from the base."""
         self._pipelines: dict[Task, Any] = {Task.TEXT2IMG: base}
         self._on_switch = on_switch
+        self._on_derive = on_derive
         self._active = Task.TEXT2IMG
 
     @property
@@ -45,4 +52,6 @@ class PipelineSet:
         # from_pipe casts to fp32 unless told the dtype, which would upcast shared weights.
         pipe = classes[task].from_pipe(self.base, dtype=self.base.dtype)
         pipe.set_progress_bar_config(disable=True)
+        if self._on_derive is not None:
+            self._on_derive(pipe)
         return pipe

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,11 +49,131 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in _DTYPES.items() if value == dtype)
 
 
-def apply_pipeline_options(pipe: Any, settings: Settings, device: torch.device) -> list[str]:
-    """Put a pipeline on its device with the configured memory/speed switches.
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The fast-path switches of settings, with every `auto` resolved for a device."""
+
+    channels_last: bool
+    fuse_qkv: bool
+    vae_dtype: torch.dtype | None  # None: diffusers' own handling (the model's dtype)
+    compile: str  # off | regional | full
+    compile_vae: bool
+    compile_mode: str
+    warmup: bool
+
+    def describe(self) -> dict[str, object]:
+        """For /status and benchmark reports."""
+        return {
+            "channels_last": self.channels_last,
+            "fuse_qkv": self.fuse_qkv,
+            "vae_dtype": dtype_name(self.vae_dtype) if self.vae_dtype else "model",
+            "compile": self.compile,
+            "compile_vae": self.compile_vae,
+            "compile_mode": self.compile_mode,
+            "warmup": self.warmup,
+        }
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def resolve_speed_options(
+    settings: Settings, device: torch.device, dtype: torch.dtype, *, vae_force_upcast: bool
+) -> SpeedOptions:
+    """Defaults per device: CUDA gets the whole fast path, CPU and MPS stay eager (on the
+    CPU, compile time dwarfs any gain and channels-last is slower; see bench/RESULTS.md)."""
+    cuda = device.type == "cuda"
+    compile_mode = settings.compile if settings.compile != "auto" else "regional" if cuda else "off"
+    compiled = compile_mode != "off"
+    return SpeedOptions(
+        channels_last=_switch(settings.channels_last, cuda),
+        fuse_qkv=_switch(settings.fuse_qkv, cuda),
+        vae_dtype=_vae_dtype(settings.vae_dtype, device, dtype, vae_force_upcast),
+        compile=compile_mode,
+        compile_vae=_switch(settings.compile_vae, compiled),
+        compile_mode=settings.compile_mode,
+        warmup=_switch(settings.warmup, compiled),
+    )
+
+
+def _vae_dtype(
+    setting: DtypeName, device: torch.device, dtype: torch.dtype, force_upcast: bool
+) -> torch.dtype | None:
+    if setting != "auto":
+        chosen = _DTYPES[setting]
+        # Explicit fp16 on an fp16 model still matters: it turns off diffusers' upcast.
+        unchanged = chosen == dtype and not (chosen == torch.float16 and force_upcast)
+        return None if unchanged else chosen
+    if dtype != torch.float16 or not force_upcast:
+        return None
+    # SDXL's VAE overflows in fp16; diffusers then upcasts it to fp32 and back on every
+    # call. bf16 has fp32's range at fp16's cost; fp32 kept resident where bf16 is slow.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cast_inputs_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    target = next(module.parameters()).dtype
+    return tuple(
+        a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
+def set_vae_dtype(vae: Any, dtype: torch.dtype) -> None:
+    """Keep the VAE in its own dtype: pipelines hand it tensors in the UNet's dtype, so its
+    entry modules cast their inputs (outputs are cast back by the pipelines already).
+    Idempotent: pipelines made with from_pipe re-cast shared modules, so this reruns."""
+    vae.to(dtype=dtype)
+    # Stops the pipelines' own per-call fp32 upcast (and their casting the VAE back).
+    vae.register_to_config(force_upcast=False)
+    if getattr(vae, "_sdworker_cast_hooks", False):
+        return
+    for name in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+        module = getattr(vae, name, None)
+        if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters()):
+            module.register_forward_pre_hook(_cast_inputs_hook)
+    vae._sdworker_cast_hooks = True
+
+
+def enable_compile_cache(path: Path) -> None:
+    """Point Inductor and Triton at a persistent folder, so a restarted worker loads its
+    compiled kernels instead of compiling again (PyTorch keys the cache by graph, inputs
+    and versions, so a stale entry is never used)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def apply_pipeline_options(
+    pipe: Any, settings: Settings, device: torch.device, speed: SpeedOptions
+) -> list[str]:
+    """Put a pipeline on its device with the configured memory and speed switches.
 
     Returns warnings for switches that were asked for but could not be honoured.
     """
+    warnings = _apply_memory_options(pipe, settings, device)
+    if speed.fuse_qkv:
+        if settings.attention_slicing or settings.enable_xformers:
+            warnings.append("fuse_qkv is off: it needs SDPA attention (no slicing or xformers)")
+        else:
+            pipe.fuse_qkv_projections()
+    if speed.vae_dtype is not None:
+        set_vae_dtype(pipe.vae, speed.vae_dtype)
+    if speed.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    _compile(pipe, speed, settings.compile_cache_path)
+    pipe.set_progress_bar_config(disable=True)
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def _apply_memory_options(pipe: Any, settings: Settings, device: torch.device) -> list[str]:
     warnings: list[str] = []
     if settings.cpu_offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
@@ -72,11 +195,19 @@ def apply_pipeline_options(pipe: Any, settings: Settings, device: torch.device) 
         pipe.vae.enable_slicing()
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
-    if settings.compile_unet and not isinstance(
-        pipe.unet, torch._dynamo.eval_frame.OptimizedModule
-    ):
-        pipe.unet = torch.compile(pipe.unet)
-    pipe.set_progress_bar_config(disable=True)
-    for warning in warnings:
-        log.warning(warning)
     return warnings
+
+
+def _compile(pipe: Any, speed: SpeedOptions, cache_dir: Path) -> None:
+    if speed.compile == "off" and not speed.compile_vae:
+        return
+    enable_compile_cache(cache_dir)
+    options = {"mode": speed.compile_mode, "fullgraph": False}
+    if speed.compile == "regional":
+        # Compiles the repeated transformer block once per shape and reuses the code for
+        # all 70 of them: a fraction of a full compile's time for most of its speed.
+        pipe.unet.compile_repeated_blocks(**options)
+    elif speed.compile == "full":
+        pipe.unet.compile(**options)
+    if speed.compile_vae:
+        pipe.vae.decoder.compile(**options)
