@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     )
     compile: CompileMode = Field(
         default="auto",
-        validation_alias=_env("COMPILE", "COMPILE_UNET"),
+        validation_alias=_env("COMPILE", "SDWORKER_COMPILE_UNET"),
         description="torch.compile the UNet: off; regional (its repeated transformer "
         "blocks: short compile, most of the speed); full (the whole UNet: longest compile). "
         "auto: regional on CUDA, off elsewhere. true/false mean full/off.",
