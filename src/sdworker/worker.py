@@ -124,7 +124,10 @@ class Worker:
         """Load the model, then claim and run jobs until stopped."""
         heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeats.start()
-        self._engine.load()
+        loaded = self._engine.load()
+        speed = getattr(loaded, "speed", None)
+        if speed is not None:
+            self._info.fast_path = speed.describe()
         self._info.model_loaded = True
         self._send_heartbeat()
         last_reclaim = 0.0

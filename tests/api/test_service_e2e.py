@@ -588,6 +588,10 @@ def test_status_and_health(server: Server) -> None:
     assert status["quality_presets"] == {"sdxl_image_fast": 15, "sdxl_image_high": 25}
     (worker,) = [w for w in status["workers"] if w["id"] == health.json()["worker_id"]]
     assert worker["model_loaded"] is True
+    # the CPU defaults: the plain eager path
+    assert worker["fast_path"]["compile"] == "off"
+    assert worker["fast_path"]["channels_last"] is False
+    assert status["cross_job_batching"] == {"max_jobs": 1, "max_images": 8, "window_s": 0.02}
     assert worker["pid"] == server.worker_pid()
     assert worker["pid"] in server.worker_pids
     assert worker["pid"] != server.process.pid  # type: ignore[union-attr]

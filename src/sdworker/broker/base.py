@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +35,9 @@ class WorkerInfo(BaseModel):
         default_factory=list, description="Every job of the batch being run (cross-job batching)."
     )
     vram_used_bytes: int | None = None
+    fast_path: dict[str, Any] = Field(
+        default_factory=dict, description="The speed switches the loaded model runs with."
+    )
     started_at: datetime | None = None
     last_seen: datetime | None = None
 

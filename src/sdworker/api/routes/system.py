@@ -79,6 +79,11 @@ def status(services: ServicesDep) -> dict[str, Any]:
         "family": family.name,
         "batch_sizes": list(range(1, settings.max_num_images + 1)),
         "max_num_images": settings.max_num_images,
+        "cross_job_batching": {
+            "max_jobs": settings.batch_max_jobs,
+            "max_images": settings.batch_max_images,
+            "window_s": settings.batch_window_s,
+        },
         "schedulers": scheduler_names(),
         "tasks": sorted(task.value for task in family.tasks),
         "quality_presets": {preset.value: steps for preset, steps in PRESET_STEPS.items()},
