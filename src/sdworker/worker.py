@@ -242,11 +242,12 @@ class Worker:
         """Run claimed compatible jobs in one batched engine call, then store and finish
         each on its own. If the batch fails, each job is run alone, so that one job's
         bad input or a batch too large for memory fails only the jobs it should."""
+        live = {job.id: job for job in jobs}  # jobs not cancelled meanwhile
         try:
-            finished = self._run_batch(jobs)
+            finished = self._run_batch(jobs, live)
         except Exception as exc:
             if is_fatal_device_error(exc):
-                for job in jobs:
+                for job in live.values():
                     self._fail(job, "engine_fatal", f"the device failed: {exc}")
                     self._notify_terminal(job.id)
                 raise FatalEngineError(str(exc)) from exc
@@ -266,17 +267,19 @@ class Worker:
             return True  # unknown: run it; completion is idempotent
         return current.status == JobStatus.RUNNING and current.worker_id == self.id
 
-    def _run_batch(self, jobs: list[Job]) -> list[str]:
-        """Returns the jobs it finished (those cancelled meanwhile are already notified)."""
+    def _run_batch(self, jobs: list[Job], live: dict[str, Job]) -> list[str]:
+        """Returns the jobs it finished; those cancelled meanwhile leave `live` and are
+        notified at once."""
         from sdworker.engine.engine import Cancelled
 
-        live = {job.id: job for job in jobs}
         interval = self._settings.progress_interval_s
         last_sent = 0.0
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_sent
-            for job_id in [i for i in live if self._cancel_requested(i)]:
+            # As for a lone job, a cancel that lands on the last step is too late.
+            cancelled = [i for i in live if self._cancel_requested(i)] if step < total else []
+            for job_id in cancelled:
                 # A cancelled job leaves the batch at once; the others run on.
                 self._reliably(self._broker.mark_canceled, job_id, self.id)
                 self._notify_terminal(job_id)
