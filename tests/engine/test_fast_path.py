@@ -1,7 +1,7 @@
 """The fast path (engine/runtime.py) and batched runs (Engine.run_batch) on the tiny model.
 
 Tolerances, in 0-255 pixel units against plain diffusers with the same seeds:
-- layout-only switches (channels_last, fused QKV, compile): max |diff| <= 2;
+- layout-only switches (channels_last, fused QKV): max |diff| <= 2;
 - a bf16 VAE decode: max |diff| <= 12 and mean |diff| <= 1.5 (measured: 4 and 0.46);
   img2img/inpaint, which also encode in bf16: max <= 32, mean <= 2 (measured: 17, 1.04);
 - a job in a batch vs the same job alone: max |diff| <= 2 (batched kernels round apart).
@@ -69,6 +69,19 @@ def diffusers_images(tiny_folder: Path) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- settings
+
+
+@pytest.fixture
+def clean_compile_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compile-cache variables, and whatever the test sets is undone afterwards."""
+    for name in (
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_FX_GRAPH_CACHE",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE",
+    ):
+        monkeypatch.setenv(name, "")  # records the value to restore
+        monkeypatch.delenv(name)
 
 
 def test_cpu_defaults_keep_the_plain_eager_path(settings: Settings) -> None:
@@ -139,11 +152,8 @@ def test_a_bad_switch_names_the_allowed_values() -> None:
         Settings(_env_file=None, compile="sometimes")
 
 
-def test_the_compile_cache_goes_where_settings_say(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.mark.usefixtures("clean_compile_env")
+def test_the_compile_cache_goes_where_settings_say(tmp_path: Path) -> None:
     enable_compile_cache(tmp_path / "compile")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile" / "triton")
@@ -200,14 +210,23 @@ def test_a_bf16_vae_survives_img2img_and_inpaint(settings: Settings, tmp_path: P
         assert fast.load().pipelines.base.vae.dtype == torch.bfloat16
 
 
-def test_compiled_unet_and_vae_keep_diffusers_pixels(
+@pytest.mark.usefixtures("clean_compile_env")
+# diffusers' upsampler calls an lru_cache'd version check, which dynamo traces through
+# with a warning (harmless: the check is constant); the suite turns warnings into errors.
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_the_whole_cuda_fast_path_keeps_diffusers_pixels(
     settings: Settings, diffusers_images: list[Any], tmp_path: Path
 ) -> None:
+    """Every switch CUDA turns on by default, run here on the CPU: regional UNet compile,
+    compiled VAE decoder, channels-last, fused QKV and a bf16 VAE."""
     fast = Engine(
         settings.model_copy(
             update={
                 "compile": "regional",
                 "compile_vae": "on",
+                "channels_last": "on",
+                "fuse_qkv": "on",
+                "vae_dtype": "bf16",
                 "warmup": "off",
                 "compile_cache_dir": tmp_path / "compile",
             }
@@ -220,7 +239,9 @@ def test_compiled_unet_and_vae_keep_diffusers_pixels(
     assert pipe.vae.decoder._compiled_call_impl is not None
     result = _result(fast.run(_spec(num_images=2)))
     for ours, theirs in zip(result.images, diffusers_images, strict=True):
-        assert max_pixel_difference(ours, theirs) <= 2
+        assert max_pixel_difference(ours, theirs) <= 12
+        assert _mean_difference(ours, theirs) <= 1.5
+    assert any((tmp_path / "compile" / "inductor").iterdir())  # the cache was written
 
 
 def test_warmup_runs_at_load(settings: Settings) -> None:
