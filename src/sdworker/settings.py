@@ -403,7 +403,14 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_compile(cls, value: object) -> object:
         # SDWORKER_COMPILE_UNET=true of earlier versions meant a full compile.
-        aliases = {"true": "full", "1": "full", "yes": "full", "false": "off", "0": "off"}
+        aliases = {
+            "true": "full",
+            "1": "full",
+            "yes": "full",
+            "false": "off",
+            "0": "off",
+            "no": "off",
+        }
         if isinstance(value, bool):
             return "full" if value else "off"
         if isinstance(value, str):

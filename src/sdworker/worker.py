@@ -247,9 +247,9 @@ class Worker:
             finished = self._run_batch(jobs, live)
         except Exception as exc:
             if is_fatal_device_error(exc):
-                for job in live.values():
-                    self._fail(job, "engine_fatal", f"the device failed: {exc}")
-                    self._notify_terminal(job.id)
+                # Which job broke the device is unknown: none is failed. They stay
+                # running on this worker, which exits; reclaim re-queues them (a job that
+                # keeps killing workers ends `worker_lost` after its attempts).
                 raise FatalEngineError(str(exc)) from exc
             log.warning("a batch of %s jobs failed; running each alone", len(jobs), exc_info=True)
             for job in jobs:

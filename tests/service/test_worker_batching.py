@@ -670,7 +670,9 @@ def test_a_job_cancelled_before_the_batch_failed_is_not_run_again(parts: Parts) 
     assert webhooks.terminal(jobs[1].id) == [EventType.CANCELED]
 
 
-def test_a_fatal_device_error_in_a_batch_fails_every_job(parts: Parts) -> None:
+def test_a_fatal_device_error_in_a_batch_leaves_every_job_to_reclaim(parts: Parts) -> None:
+    """Which job broke the device is unknown, so none is failed: they stay running on the
+    dying worker and reclaim re-queues them, as for a crashed worker."""
     _, broker, _ = parts
     jobs = enqueue(broker, *(fake_spec(p) for p in "abc"))
     webhooks = RecordingWebhooks()
@@ -682,10 +684,12 @@ def test_a_fatal_device_error_in_a_batch_fails_every_job(parts: Parts) -> None:
 
     assert engine.calls == [("batch", ["a", "b", "c"])]  # nothing more runs on the device
     for job in jobs:
-        failed = broker.get(job.id)
-        assert failed.status is S.FAILED and failed.error is not None
-        assert failed.error.code == "engine_fatal" and "CUDA error" in failed.error.message
-        assert webhooks.terminal(job.id) == [EventType.FAILED]
+        assert broker.get(job.id).status is S.RUNNING
+        assert webhooks.terminal(job.id) == []
+    assert sorted(broker.reclaim(stale_after_s=3600, worker_id="w1")) == sorted(
+        job.id for job in jobs
+    )
+    assert all(broker.get(job.id).status is S.QUEUED for job in jobs)
 
 
 class FailingStorage(LocalStorage):
@@ -736,7 +740,7 @@ def test_a_job_cancelled_before_a_fatal_error_gets_one_webhook(parts: Parts) -> 
         worker.run_once()
 
     assert broker.get(jobs[1].id).status is S.CANCELED
-    assert [broker.get(jobs[i].id).status for i in (0, 2)] == [S.FAILED] * 2
+    assert [broker.get(jobs[i].id).status for i in (0, 2)] == [S.RUNNING] * 2
     assert webhooks.terminal(jobs[1].id) == [EventType.CANCELED]
 
 

@@ -139,7 +139,10 @@ class SqliteBroker:
             # Jobs queued before the upgrade get their batch key, so they can join batches.
             queued = write.execute("SELECT seq, spec FROM jobs WHERE status = 'queued'")
             for row in queued.fetchall():
-                spec = JobSpec.model_validate_json(row["spec"])
+                try:
+                    spec = JobSpec.model_validate_json(row["spec"])
+                except ValueError:  # a spec this version refuses: it runs alone, or fails
+                    continue
                 write.execute(
                     "UPDATE jobs SET batch_key = ?, num_images = ? WHERE seq = ?",
                     (batch_key_of(spec) or "", spec.num_images, row["seq"]),

@@ -174,10 +174,12 @@ class Engine:
         (lazy in torch.compile) happens at load time and not in the first job."""
         started = time.perf_counter()
         profile = served_profile(loaded.source.family, loaded.source.name)
-        plan = plan_generation(
-            JobSpec(prompt="warm-up", steps=2, seed=0), profile, max_num_images=1
-        )
-        self._generate(loaded, [plan], [{}], None, None, 0.0)
+        # Two images as well: a second batch size makes torch.compile treat the batch
+        # dimension as dynamic, so later batches (and cross-job batches) do not recompile.
+        for images in (1, 2):
+            spec = JobSpec(prompt="warm-up", steps=2, seed=0, num_images=images)
+            plan = plan_generation(spec, profile, max_num_images=images)
+            self._generate(loaded, [plan], [{}], None, None, 0.0)
         return time.perf_counter() - started
 
     def _unload_locked(self) -> None:
