@@ -288,12 +288,7 @@ class Worker:
             if step >= total or now - last_sent >= interval:
                 last_sent = now
                 for job in live.values():
-                    self._progress(job, step, total)
-                    if self._webhooks is not None and job.spec.webhook_progress and step < total:
-                        progress = JobProgress(step=step, total_steps=total)
-                        self._webhooks.notify(
-                            job.model_copy(update={"progress": progress}), EventType.PROGRESS
-                        )
+                    self._report_progress(job, step, total)
 
         _reset_peak_vram(self._info.device)
         outcome = self._engine.run_batch(
@@ -350,6 +345,13 @@ class Worker:
         except Exception:
             log.warning("could not record progress of job %s", job.id, exc_info=True)
 
+    def _report_progress(self, job: Job, step: int, total: int) -> None:
+        """A progress event, and a progress webhook when the job asked for them."""
+        self._progress(job, step, total)
+        if self._webhooks is not None and job.spec.webhook_progress and step < total:
+            progress = JobProgress(step=step, total_steps=total)
+            self._webhooks.notify(job.model_copy(update={"progress": progress}), EventType.PROGRESS)
+
     def _cancel_requested(self, job_id: str) -> bool:
         try:
             return self._broker.cancel_requested(job_id)
@@ -367,12 +369,7 @@ class Worker:
             now = time.monotonic()
             if step >= total or now - last_sent >= interval:
                 last_sent = now
-                self._progress(job, step, total)
-                if self._webhooks is not None and job.spec.webhook_progress and step < total:
-                    progress = JobProgress(step=step, total_steps=total)
-                    self._webhooks.notify(
-                        job.model_copy(update={"progress": progress}), EventType.PROGRESS
-                    )
+                self._report_progress(job, step, total)
 
         _reset_peak_vram(self._info.device)
         outcome = self._engine.run(
