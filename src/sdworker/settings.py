@@ -26,6 +26,19 @@ def _env(name: str, *aliases: str) -> AliasChoices:
     return AliasChoices(f"SDWORKER_{name}", *aliases)
 
 
+_TRUE_WORDS, _FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _fold_boolean(value: object, *, on: str) -> object:
+    """Boolean spellings (true/1/yes, false/0/no) as a switch's `on` value or "off"."""
+    if isinstance(value, bool):
+        return on if value else "off"
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        return on if lowered in _TRUE_WORDS else "off" if lowered in _FALSE_WORDS else lowered
+    return value
+
+
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "sdworker"
 
@@ -403,31 +416,12 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_compile(cls, value: object) -> object:
         # SDWORKER_COMPILE_UNET=true of earlier versions meant a full compile.
-        aliases = {
-            "true": "full",
-            "1": "full",
-            "yes": "full",
-            "false": "off",
-            "0": "off",
-            "no": "off",
-        }
-        if isinstance(value, bool):
-            return "full" if value else "off"
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            return aliases.get(lowered, lowered)
-        return value
+        return _fold_boolean(value, on="full")
 
     @field_validator("channels_last", "fuse_qkv", "compile_vae", "warmup", mode="before")
     @classmethod
     def _normalise_switch(cls, value: object) -> object:
-        aliases = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            return aliases.get(lowered, lowered)
-        return value
+        return _fold_boolean(value, on="on")
 
     @field_validator("dtype", "vae_dtype", mode="before")
     @classmethod
