@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdworker.engine.engine import Engine, pipeline_arguments
+from sdworker.engine.arguments import pipeline_arguments
+from sdworker.engine.engine import Engine
 from sdworker.jobs import JobSpec
 from sdworker.settings import Settings
 

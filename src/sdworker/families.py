@@ -14,6 +14,7 @@ class Task(StrEnum):
     TEXT2IMG = "text2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
+    UPSCALE = "upscale"
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FamilyProfile:
 
 SDXL = FamilyProfile(
     name="sdxl",
-    tasks=frozenset({Task.TEXT2IMG, Task.IMG2IMG, Task.INPAINT}),
+    tasks=frozenset({Task.TEXT2IMG, Task.IMG2IMG, Task.INPAINT, Task.UPSCALE}),
     default_size=(1024, 1024),
     min_side=64,
     max_side=2048,

@@ -22,6 +22,15 @@ from pydantic import (
 
 from sdworker.engine.schedulers import UnknownSchedulerError, find_scheduler
 from sdworker.families import Task
+from sdworker.options import (
+    MAX_LORAS_PER_JOB,
+    UPSCALE_FACTORS,
+    LoraRequest,
+    Preset,
+    ReferenceType,
+    RefinerMode,
+    StyleRequest,
+)
 
 SEED_MAX = 2**32 - 1
 MAX_STEPS = 150
@@ -50,16 +59,6 @@ class Priority(StrEnum):
         return {"urgent": 3, "high": 2, "normal": 1, "low": 0}[self.value]
 
 
-class Preset(StrEnum):
-    """Job types of the replaced worker, mapped to step counts."""
-
-    SDXL_IMAGE_FAST = "sdxl_image_fast"
-    SDXL_IMAGE_HIGH = "sdxl_image_high"
-
-
-PRESET_STEPS: dict[Preset, int] = {Preset.SDXL_IMAGE_FAST: 15, Preset.SDXL_IMAGE_HIGH: 25}
-
-
 class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
@@ -76,7 +75,7 @@ class JobSpec(BaseModel):
 
     task: Task | None = Field(
         default=None,
-        description="text2img, img2img or inpaint; inferred from image/mask when omitted.",
+        description="text2img, img2img, inpaint or upscale; inferred from image/mask when omitted.",
     )
     model: str | None = Field(
         default=None, max_length=255, description="Model name; the default when omitted."
@@ -102,7 +101,64 @@ class JobSpec(BaseModel):
     exact_copy_mode: bool = False
     resize_mode: ResizeMode = ResizeMode.CROP
     preset: Preset | None = Field(
-        default=None, description="Quality preset: its step count applies unless steps is given."
+        default=None,
+        description="Named defaults (see /status presets): sdxl_image_fast, sdxl_image_high "
+        "(refiner), lcm (LCM-LoRA, 4 steps), turbo (1 step, guidance 0). Fields given win.",
+    )
+    high_quality: bool = Field(
+        default=False, description="Run the refiner (ensemble mode unless `refiner` says)."
+    )
+    refiner: RefinerMode | None = Field(
+        default=None,
+        description="off, ensemble (base stops at high_noise_frac, refiner finishes) or "
+        "refine (img2img over the base image with refiner_strength).",
+    )
+    high_noise_frac: float | None = Field(
+        default=None, gt=0, lt=1, description="Ensemble: share of the denoising the base does."
+    )
+    refiner_inference_steps: int | None = Field(
+        default=None, ge=1, le=MAX_STEPS, description="Refiner steps (default: steps)."
+    )
+    refiner_strength: float | None = Field(
+        default=None, gt=0, le=1, description="Refine mode: img2img strength (default 0.3)."
+    )
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS_PER_JOB,
+        description="LoRAs by name (GET /v1/loras) with weights; several at once.",
+    )
+    style: StyleRequest | None = Field(
+        default=None, description="A style of the style registry at a level (0 = off)."
+    )
+    prompt_weighting: bool = Field(
+        default=False,
+        description="Parse (word:1.3), word++, word--, .blend() and .and() in prompts.",
+    )
+    compel_enabled: bool | None = Field(
+        default=None, description="Alias of prompt_weighting (the replaced worker's name)."
+    )
+    compel_weights: str | None = Field(
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description='Weighted terms appended to the prompt, e.g. "(detailed:1.2)"; turns '
+        "prompt weighting on.",
+    )
+    reference_type: ReferenceType | None = Field(
+        default=None,
+        description="How `image` steers a job: composition (img2img start, the default), "
+        "style or character (IP-Adapter, text-to-image).",
+    )
+    reference_scale: float | None = Field(
+        default=None, ge=0, le=2, description="IP-Adapter scale for style/character."
+    )
+    upscale_factor: int | None = Field(
+        default=None, description=f"Upscale task: {' or '.join(map(str, UPSCALE_FACTORS))}."
+    )
+    upscaler: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Upscale task: lanczos (default), hires (resample, then img2img at "
+        "strength, default 0.35) or a model name from GET /v1/upscalers.",
     )
     priority: Priority = Priority.NORMAL
     output_format: OutputFormat = OutputFormat.PNG
@@ -137,7 +193,21 @@ class JobSpec(BaseModel):
                 if given is not None and given != parsed:
                     raise ValueError(f"size {self.size!r} disagrees with {name}={given}")
             self.width, self.height = width, height
+        if self.upscale_factor is not None and self.upscale_factor not in UPSCALE_FACTORS:
+            allowed = " or ".join(map(str, UPSCALE_FACTORS))
+            raise ValueError(f"upscale_factor must be {allowed}, not {self.upscale_factor}")
         return self
+
+    @property
+    def weighting_enabled(self) -> bool:
+        """Prompt weighting on, by its own name or the replaced worker's compel fields."""
+        return self.prompt_weighting or bool(self.compel_enabled) or bool(self.compel_weights)
+
+    @property
+    def full_prompt(self) -> str:
+        """The prompt with compel_weights appended (the replaced worker's convention)."""
+        extra = (self.compel_weights or "").strip()
+        return f"{self.prompt}, {extra}" if extra and self.prompt else extra or self.prompt
 
     @field_validator("scheduler")
     @classmethod
@@ -261,6 +331,10 @@ def batch_key_of(spec: JobSpec) -> str | None:
     alone: diffusers encodes their one input image with the first image's generator only,
     which a batch (an input image per output image) cannot reproduce."""
     if spec.mask is not None and spec.num_images > 1:
+        return None
+    if spec.reference_type in (ReferenceType.STYLE, ReferenceType.CHARACTER):
+        return None  # one reference image per call
+    if spec.task is Task.UPSCALE or spec.upscale_factor or spec.upscaler:
         return None
     shared = spec.model_dump(mode="json", exclude=set(BATCH_VARYING_FIELDS))
     shared["has_negative_prompt"] = bool(spec.negative_prompt)

@@ -9,7 +9,21 @@ from enum import StrEnum
 
 from sdworker.errors import InvalidJobError
 from sdworker.families import FamilyProfile, Task
-from sdworker.jobs import PRESET_STEPS, SEED_MAX, JobSpec, ResizeMode
+from sdworker.jobs import SEED_MAX, JobSpec, ResizeMode
+from sdworker.loras import LoraCatalog, LoraLibrary, ResolvedLora
+from sdworker.options import (
+    DEFAULT_HIGH_NOISE_FRAC,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_REFINE_STRENGTH,
+    PRESETS,
+    Preset,
+    PresetDefaults,
+    ReferenceType,
+    RefinerMode,
+)
+from sdworker.prompt_syntax import check_weighting_syntax
+from sdworker.settings import Settings
+from sdworker.upscalers import upscaler_names
 
 # Exact-copy mode of the replaced worker: a near-identity img2img pass.
 EXACT_COPY_MAX_STRENGTH = 0.05
@@ -24,6 +38,66 @@ class GenerationMode(StrEnum):
     REFERENCE_MODIFY = "reference_modify"
     EXACT_COPY = "exact_copy"
     INPAINT = "inpaint"
+    UPSCALE = "upscale"
+
+
+UPSCALE_RESAMPLERS = ("lanczos", "hires")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the deployment offers beyond the base model (from settings): LoRAs and
+    styles, a refiner, an IP-Adapter, upscaler models, the model's few-step variant."""
+
+    library: LoraLibrary = field(default_factory=lambda: LoraLibrary(LoraCatalog(None)))
+    refiner: bool = False
+    ip_adapter: bool = False
+    variant: str = "standard"  # standard, turbo or lcm
+    upscalers: tuple[str, ...] = ()
+    upscale_max_pixels: int = 4096 * 4096
+
+
+def detect_variant(setting: str, model: str) -> str:
+    """standard, turbo or lcm: the setting, or (auto) from the model's name."""
+    if setting != "auto":
+        return setting
+    lowered = model.lower()
+    return "turbo" if "turbo" in lowered else "lcm" if "lcm" in lowered else "standard"
+
+
+def features_from_settings(settings: Settings, model: str, library: LoraLibrary) -> Features:
+    """The Features a model of this deployment offers."""
+    return Features(
+        library=library,
+        refiner=bool(settings.refiner),
+        ip_adapter=bool(settings.ip_adapter and settings.ip_adapter_image_encoder),
+        variant=detect_variant(settings.model_variant, model),
+        upscalers=upscaler_names(settings.upscaler_path),
+        upscale_max_pixels=settings.upscale_max_pixels,
+    )
+
+
+@dataclass(frozen=True)
+class RefinerPlan:
+    mode: RefinerMode
+    high_noise_frac: float
+    steps: int
+    strength: float
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """An IP-Adapter reference image (style or character)."""
+
+    type: ReferenceType
+    image: str
+    scale: float | None  # None: the deployment's default scale
+
+
+@dataclass(frozen=True)
+class UpscalePlan:
+    factor: int
+    upscaler: str  # lanczos, hires or an upscaler model name
 
 
 @dataclass(frozen=True)
@@ -48,26 +122,54 @@ class GenerationPlan:
     resize_mode: ResizeMode
     return_latents: bool
     warnings: list[str] = field(default_factory=list)
+    prompt_weighting: bool = False
+    loras: tuple[ResolvedLora, ...] = ()
+    refiner: RefinerPlan | None = None
+    reference: ReferencePlan | None = None
+    upscale: UpscalePlan | None = None
+    preset: Preset | None = None
 
 
 def _invalid(field_name: str, message: str) -> InvalidJobError:
     return InvalidJobError(f"{field_name}: {message}", field=field_name)
 
 
+def _uses_ip_adapter(spec: JobSpec) -> bool:
+    return spec.reference_type in (ReferenceType.STYLE, ReferenceType.CHARACTER)
+
+
+def _infer_task(spec: JobSpec) -> Task:
+    if spec.upscale_factor is not None or spec.upscaler is not None:
+        return Task.UPSCALE
+    if spec.mask:
+        return Task.INPAINT
+    image_is_init = spec.image and not _uses_ip_adapter(spec)
+    return Task.IMG2IMG if image_is_init else Task.TEXT2IMG
+
+
 def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
-    task = spec.task
-    if task is None:
-        task = Task.INPAINT if spec.mask else Task.IMG2IMG if spec.image else Task.TEXT2IMG
+    task = spec.task or _infer_task(spec)
     if task not in family.tasks:
         allowed = ", ".join(sorted(t.value for t in family.tasks))
         raise _invalid(
             "task", f"{task.value} is not supported by {family.name}; allowed: {allowed}"
         )
-    if task in (Task.IMG2IMG, Task.INPAINT) and not spec.image:
+    if task in (Task.IMG2IMG, Task.INPAINT, Task.UPSCALE) and not spec.image:
         raise _invalid("image", f"{task.value} needs an input image")
     if task is Task.INPAINT and not spec.mask:
         raise _invalid("mask", "inpaint needs a mask image (white = repaint)")
-    if task is Task.TEXT2IMG and (spec.image or spec.mask):
+    if task is Task.UPSCALE and spec.mask:
+        raise _invalid("mask", "upscale takes no mask")
+    if _uses_ip_adapter(spec):
+        if task is not Task.TEXT2IMG:
+            raise _invalid(
+                "reference_type",
+                f"{spec.reference_type} references steer text2img jobs; use composition "
+                f"(or no reference_type) for {task.value}",
+            )
+        if not spec.image:
+            raise _invalid("image", f"reference_type {spec.reference_type} needs an image")
+    elif task is Task.TEXT2IMG and (spec.image or spec.mask):
         raise _invalid("task", "text2img takes no image or mask; use img2img or inpaint")
     if spec.exact_copy_mode and task is not Task.IMG2IMG:
         raise _invalid("exact_copy_mode", "applies to img2img only")
@@ -98,9 +200,106 @@ def _exact_copy_steps(strength: float) -> tuple[int, int]:
     return denoise, total
 
 
-def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int) -> GenerationPlan:
+def _preset_of(spec: JobSpec, features: Features) -> tuple[Preset | None, PresetDefaults]:
+    preset = spec.preset
+    if preset is None and features.variant in ("turbo", "lcm"):
+        preset = Preset(features.variant)  # a few-step model's own defaults
+    return preset, PRESETS[preset] if preset else PresetDefaults("")
+
+
+def _resolve_refiner(
+    spec: JobSpec, task: Task, steps: int, defaults: PresetDefaults, features: Features
+) -> RefinerPlan | None:
+    asked = spec.refiner or (RefinerMode.ENSEMBLE if spec.high_quality else None)
+    mode = asked or (defaults.refiner if features.refiner else None)
+    if mode is None or mode is RefinerMode.OFF:
+        return None
+    if not features.refiner:
+        where = "refiner" if spec.refiner else "high_quality"
+        raise _invalid(
+            where,
+            "no refiner is configured on this server; set SDWORKER_REFINER (or "
+            "SDXL_REFINER_ID) to a refiner model",
+        )
+    if task is Task.UPSCALE:
+        raise _invalid("refiner", "upscale jobs take no refiner")
+    if mode is RefinerMode.ENSEMBLE and task is not Task.TEXT2IMG:
+        mode = RefinerMode.REFINE  # the base's partial latents exist only for text2img
+    return RefinerPlan(
+        mode=mode,
+        high_noise_frac=spec.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC,
+        steps=spec.refiner_inference_steps or steps,
+        strength=spec.refiner_strength or DEFAULT_REFINE_STRENGTH,
+    )
+
+
+def _resolve_reference(spec: JobSpec, features: Features) -> ReferencePlan | None:
+    if not _uses_ip_adapter(spec):
+        return None
+    assert spec.reference_type is not None and spec.image is not None
+    if not features.ip_adapter:
+        raise _invalid(
+            "reference_type",
+            f"{spec.reference_type} references need an IP-Adapter; set SDWORKER_IP_ADAPTER "
+            "and SDWORKER_IP_ADAPTER_IMAGE_ENCODER (or use reference_type composition)",
+        )
+    return ReferencePlan(type=spec.reference_type, image=spec.image, scale=spec.reference_scale)
+
+
+def _resolve_upscale(spec: JobSpec, features: Features) -> UpscalePlan:
+    upscaler = spec.upscaler or "lanczos"
+    if upscaler not in UPSCALE_RESAMPLERS and upscaler not in features.upscalers:
+        known = ", ".join([*UPSCALE_RESAMPLERS, *features.upscalers])
+        raise _invalid("upscaler", f"unknown upscaler {upscaler!r}; known: {known}")
+    return UpscalePlan(factor=spec.upscale_factor or 2, upscaler=upscaler)
+
+
+def check_upscale_size(plan: GenerationPlan, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an upscale whose output would pass the pixel cap (names the field)."""
+    assert plan.upscale is not None
+    factor = plan.upscale.factor
+    out_w, out_h = width * factor, height * factor
+    if out_w * out_h > max_pixels:
+        raise _invalid(
+            "upscale_factor",
+            f"{width}x{height} x{factor} = {out_w}x{out_h} is over the limit of {max_pixels} "
+            "pixels (SDWORKER_UPSCALE_MAX_PIXELS); use a smaller factor or image",
+        )
+
+
+def _resolve_strength(spec: JobSpec, task: Task, warnings: list[str]) -> float | None:
+    if task is Task.TEXT2IMG:
+        return None
+    strength = spec.strength
+    if strength is None and spec.reference_strength is not None:
+        strength = 1.0 - spec.reference_strength
+    elif strength is not None and spec.reference_strength is not None:
+        warnings.append("both strength and reference_strength given; strength was used")
+    if strength is None:
+        strength = {
+            Task.INPAINT: DEFAULT_INPAINT_STRENGTH,
+            Task.UPSCALE: DEFAULT_HIRES_STRENGTH,
+        }.get(task, DEFAULT_IMG2IMG_STRENGTH)
+    return strength
+
+
+def _check_prompts(spec: JobSpec) -> None:
+    if spec.weighting_enabled:
+        for name in ("prompt", "negative_prompt", "compel_weights"):
+            check_weighting_syntax(getattr(spec, name) or "", name)
+
+
+def plan_generation(
+    spec: JobSpec,
+    family: FamilyProfile,
+    *,
+    max_num_images: int,
+    features: Features | None = None,
+) -> GenerationPlan:
     """Resolve defaults, img2img modes and family bounds; raise InvalidJobError on misuse."""
+    features = features or Features()
     task = _resolve_task(spec, family)
+    _check_prompts(spec)
     width, height = _resolve_size(spec, family)
     if spec.num_images > max_num_images:
         raise _invalid("num_images", f"{spec.num_images} is over the limit of {max_num_images}")
@@ -108,23 +307,25 @@ def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int
     # Image i uses seed + i (wrapped so every returned seed is a valid input seed).
     seeds = [(seed + i) % (SEED_MAX + 1) for i in range(spec.num_images)]
     warnings: list[str] = []
-    preset_steps = PRESET_STEPS.get(spec.preset) if spec.preset else None
-    steps = spec.steps or preset_steps or family.default_steps
-    guidance = spec.guidance_scale if spec.guidance_scale is not None else family.default_guidance
+    preset, defaults = _preset_of(spec, features)
+    steps = spec.steps or defaults.steps or family.default_steps
+    guidance = next(
+        g
+        for g in (spec.guidance_scale, defaults.guidance_scale, family.default_guidance)
+        if g is not None
+    )
     negative = spec.negative_prompt
-    strength: float | None = None
-    mode = GenerationMode.TEXT2IMG if task is Task.TEXT2IMG else GenerationMode.INPAINT
-
-    if task is not Task.TEXT2IMG:
-        strength = spec.strength
-        if strength is None and spec.reference_strength is not None:
-            strength = 1.0 - spec.reference_strength
-        elif strength is not None and spec.reference_strength is not None:
-            warnings.append("both strength and reference_strength given; strength was used")
-        if strength is None:
-            strength = (
-                DEFAULT_INPAINT_STRENGTH if task is Task.INPAINT else DEFAULT_IMG2IMG_STRENGTH
-            )
+    strength = _resolve_strength(spec, task, warnings)
+    mode = {
+        Task.TEXT2IMG: GenerationMode.TEXT2IMG,
+        Task.IMG2IMG: GenerationMode.REFERENCE_MODIFY,
+        Task.UPSCALE: GenerationMode.UPSCALE,
+    }.get(task, GenerationMode.INPAINT)
+    upscale = _resolve_upscale(spec, features) if task is Task.UPSCALE else None
+    if upscale is not None and upscale.upscaler != "hires" and spec.num_images > 1:
+        raise _invalid("num_images", f"{upscale.upscaler} upscaling makes one image; use 1")
+    if upscale is not None and upscale.upscaler != "hires":
+        strength = None  # a plain resample or an upscaler model: no denoising
 
     denoise_steps = steps
     if spec.exact_copy_mode:
@@ -136,9 +337,7 @@ def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int
         if negative:
             warnings.append("exact_copy_mode ignores negative_prompt")
         negative = None
-    elif task is Task.IMG2IMG:
-        mode = GenerationMode.REFERENCE_MODIFY
-    if strength is not None and not spec.exact_copy_mode:
+    elif strength is not None:
         denoise_steps = min(int(steps * strength), steps)
         if denoise_steps < 1:
             raise _invalid(
@@ -146,11 +345,15 @@ def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int
                 f"steps={steps} x strength={strength:g} runs no denoising step; raise steps "
                 f"to at least {math.ceil(1 / strength) if strength else 'any'} or strength",
             )
+    elif upscale is not None:
+        denoise_steps = 0
+    lcm_lora = defaults.lcm_lora and features.variant != "lcm"
+    loras = features.library.resolve(spec.loras, spec.style, lcm=lcm_lora)
 
     return GenerationPlan(
         task=task,
         mode=mode,
-        prompt=spec.prompt,
+        prompt=spec.full_prompt,
         negative_prompt=negative or None,
         width=width,
         height=height,
@@ -159,11 +362,17 @@ def plan_generation(spec: JobSpec, family: FamilyProfile, *, max_num_images: int
         num_inference_steps=steps,
         denoise_steps=denoise_steps,
         guidance_scale=guidance,
-        scheduler=spec.scheduler or family.default_scheduler,
+        scheduler=spec.scheduler or defaults.scheduler or family.default_scheduler,
         strength=strength,
         image=spec.image,
         mask=spec.mask,
         resize_mode=spec.resize_mode,
         return_latents=spec.return_latents,
         warnings=warnings,
+        prompt_weighting=spec.weighting_enabled,
+        loras=tuple(loras),
+        refiner=_resolve_refiner(spec, task, steps, defaults, features),
+        reference=_resolve_reference(spec, features),
+        upscale=upscale,
+        preset=preset,
     )

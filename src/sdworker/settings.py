@@ -190,6 +190,78 @@ class Settings(BaseSettings):
         validation_alias=_env("BATCH_WINDOW_S"),
         description="How long a worker waits for more compatible jobs once it holds one.",
     )
+    refiner: str | None = Field(
+        default=None,
+        validation_alias=_env("REFINER", "SDXL_REFINER_ID", "SDXL_REFINER_MODEL"),
+        description="SDXL refiner: a name under model_root, a folder, a single file, a hub "
+        "id or tiny-sdxl-refiner. It shares the base model's VAE and second text encoder.",
+    )
+    lora_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("LORA_DIR", "LORA_PATH"),
+        description="Folder of LoRA .safetensors files (diffusers/PEFT or kohya format); "
+        "default: <model_root>/loras.",
+    )
+    lora_cache_size: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        validation_alias=_env("LORA_CACHE_SIZE"),
+        description="LoRA adapters kept loaded on the model (least recently used go first).",
+    )
+    styles_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("STYLES_FILE", "STYLES_CONFIG"),
+        description="Style registry (TOML or YAML): style name -> LoRA, adapter name, "
+        "strength levels, cross-attention dimension. See README 'Styles'.",
+    )
+    lcm_lora: str | None = Field(
+        default=None,
+        validation_alias=_env("LCM_LORA"),
+        description="LCM-LoRA file (or a name in the LoRA folder) for the lcm preset.",
+    )
+    model_variant: Literal["auto", "standard", "turbo", "lcm"] = Field(
+        default="auto",
+        validation_alias=_env("MODEL_VARIANT"),
+        description="turbo: adversarially distilled (1-4 steps, guidance 0); lcm: a "
+        "latent-consistency model (4 steps, guidance 1). auto: from the model name.",
+    )
+    ip_adapter: str | None = Field(
+        default=None,
+        validation_alias=_env("IP_ADAPTER"),
+        description="IP-Adapter weights for style/character reference images: a "
+        ".safetensors/.bin file, or 'folder_or_hub_id/subfolder/weight_name'.",
+    )
+    ip_adapter_image_encoder: str | None = Field(
+        default=None,
+        validation_alias=_env("IP_ADAPTER_IMAGE_ENCODER"),
+        description="CLIP vision encoder folder (or hub id) for the IP-Adapter.",
+    )
+    ip_adapter_scale: float = Field(
+        default=0.6,
+        ge=0,
+        le=2,
+        validation_alias=_env("IP_ADAPTER_SCALE"),
+        description="Default IP-Adapter scale when a job gives no reference_scale.",
+    )
+    upscaler_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("UPSCALER_DIR"),
+        description="Folder of ESRGAN-family upscaler weights (.pth/.safetensors, loaded "
+        "with spandrel); default: <model_root>/upscalers.",
+    )
+    upscale_max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        validation_alias=_env("UPSCALE_MAX_PIXELS"),
+        description="Largest upscale output, in pixels (width x height).",
+    )
+    watermark: bool = Field(
+        default=False,
+        validation_alias=_env("WATERMARK"),
+        description="Add diffusers' invisible SDXL watermark to outputs (needs the "
+        "invisible-watermark package). Off by default.",
+    )
     max_num_images: int = Field(
         default=8,
         ge=1,
@@ -354,6 +426,18 @@ class Settings(BaseSettings):
     @property
     def compile_cache_path(self) -> Path:
         return self.compile_cache_dir or self.cache_dir / "compile"
+
+    @property
+    def lora_path(self) -> Path | None:
+        if self.lora_dir is not None:
+            return self.lora_dir
+        return self.model_root / "loras" if self.model_root is not None else None
+
+    @property
+    def upscaler_path(self) -> Path | None:
+        if self.upscaler_dir is not None:
+            return self.upscaler_dir
+        return self.model_root / "upscalers" if self.model_root is not None else None
 
     @property
     def database_path(self) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdworker.engine.engine import Cancelled, Engine, EngineResult, check_batchable
+from sdworker.engine.arguments import check_batchable
+from sdworker.engine.engine import Cancelled, Engine, EngineResult
 from sdworker.engine.runtime import enable_compile_cache, resolve_speed_options
 from sdworker.errors import InvalidJobError
 from sdworker.jobs import JobSpec

@@ -12,9 +12,10 @@ from sdworker import __version__
 from sdworker.api.errors import install_error_handlers
 from sdworker.api.metrics import build_metrics
 from sdworker.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from sdworker.api.routes import assets, jobs, system
+from sdworker.api.routes import assets, catalog, jobs, system
 from sdworker.api.services import Services
 from sdworker.backends import build_broker, build_storage
+from sdworker.loras import LoraLibrary
 from sdworker.settings import Settings
 from sdworker.webhooks import WebhookSender
 
@@ -32,6 +33,7 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
         storage=build_storage(settings),
         registry=registry,
         webhooks=WebhookSender(settings, broker),
+        library=LoraLibrary.from_settings(settings),
     )
 
     @asynccontextmanager
@@ -64,6 +66,7 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(assets.router)
     app.include_router(system.router)
+    app.include_router(catalog.router)
     # Added last = outermost: metrics see every response, auth runs before body reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)

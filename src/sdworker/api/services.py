@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry
 from sdworker.broker.base import Broker
 from sdworker.engine.models import resolve_model
 from sdworker.families import FamilyProfile, served_profile
+from sdworker.loras import LoraLibrary
+from sdworker.planning import Features, features_from_settings
 from sdworker.settings import Settings
 from sdworker.storage.base import Storage
 from sdworker.webhooks import WebhookSender
@@ -30,6 +32,7 @@ class Services:
     storage: Storage
     registry: CollectorRegistry
     webhooks: WebhookSender
+    library: LoraLibrary
     supervisor: WorkerSupervisor | None = None
     # Threads for SSE waits (each open stream holds one for up to a second at a time).
     stream_limiter: anyio.CapacityLimiter = field(
@@ -47,3 +50,7 @@ class Services:
             source = resolve_model(name, self.settings, trusted=trusted)
             self.profiles[name] = served_profile(source.family, source.name)
         return self.profiles[name]
+
+    def features_of(self, model: str | None) -> Features:
+        """What the deployment offers a job's model: LoRAs, styles, refiner, upscalers."""
+        return features_from_settings(self.settings, model or self.settings.model, self.library)

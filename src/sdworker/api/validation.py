@@ -15,7 +15,7 @@ from sdworker.errors import InvalidJobError
 from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
 from sdworker.netguard import UnsafeUrlError
-from sdworker.planning import GenerationPlan, plan_generation
+from sdworker.planning import GenerationPlan, check_upscale_size, plan_generation
 from sdworker.settings import Settings
 
 
@@ -35,10 +35,16 @@ def _check_image(ref: str, field: str, settings: Settings) -> Image.Image:
 def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
     """Raise a 4xx-mapped error for anything the worker would refuse; return the plan."""
     settings = services.settings
+    features = services.features_of(spec.model)
     plan = plan_generation(
-        spec, services.family_of(spec.model), max_num_images=settings.max_num_images
+        spec,
+        services.family_of(spec.model),
+        max_num_images=settings.max_num_images,
+        features=features,
     )
     image = _check_image(spec.image, "image", settings) if spec.image else None
+    if plan.upscale is not None and image is not None:
+        check_upscale_size(plan, image.width, image.height, features.upscale_max_pixels)
     mask = _check_image(spec.mask, "mask", settings) if spec.mask else None
     if image is not None and mask is not None:
         require_same_size(image, mask)

@@ -6,15 +6,20 @@ import gc
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 from PIL import Image
 
+from sdworker.engine.adapters import LoraAdapters
+from sdworker.engine.arguments import batch_arguments, check_batchable, pipeline_arguments
 from sdworker.engine.models import ModelSource, load_pipeline, resolve_model
 from sdworker.engine.pipelines import PipelineSet
+from sdworker.engine.prompts import PromptEncoder
+from sdworker.engine.reference import IpAdapter, ip_adapter_scale
+from sdworker.engine.refiner import load_refiner
 from sdworker.engine.runtime import (
     SpeedOptions,
     apply_pipeline_options,
@@ -25,13 +30,23 @@ from sdworker.engine.runtime import (
     set_vae_dtype,
 )
 from sdworker.engine.schedulers import build_scheduler, find_scheduler
+from sdworker.engine.upscale import UpscalerModels, lanczos
 from sdworker.errors import InvalidJobError, OutOfMemoryError
 from sdworker.families import Task, served_profile
 from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
+from sdworker.loras import LoraLibrary
 from sdworker.media import fit_to_size
-from sdworker.planning import GenerationPlan, plan_generation
+from sdworker.options import RefinerMode
+from sdworker.planning import (
+    Features,
+    GenerationPlan,
+    check_upscale_size,
+    features_from_settings,
+    plan_generation,
+)
 from sdworker.settings import Settings
+from sdworker.upscalers import upscaler_path
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -77,7 +92,12 @@ class LoadedModel:
     speed: SpeedOptions
     load_s: float  # weights on the device, compiled and warmed up: ready for jobs
     warnings: list[str]
+    adapters: LoraAdapters
+    prompts: PromptEncoder
     warmup_s: float = 0.0
+    refiner: Any = None  # the refiner pipeline, loaded with the first job that needs it
+    refiner_scheduler_config: Any = None
+    refiner_prompts: PromptEncoder | None = None
 
 
 class _CancelRequested(Exception):
@@ -99,6 +119,9 @@ class Engine:
         self._sources: dict[str, ModelSource] = {}
         self._loaded: LoadedModel | None = None
         self._lock = threading.Lock()
+        self._library = LoraLibrary.from_settings(settings, allow_paths=allow_local_paths)
+        self._ip_adapter = IpAdapter(settings, self._device, self._dtype)
+        self._upscalers = UpscalerModels(self._device)
 
     @property
     def device(self) -> torch.device:
@@ -118,11 +141,20 @@ class Engine:
             self._sources[name] = resolve_model(name, self._settings, trusted=trusted)
         return self._sources[name]
 
+    def features(self, model: str | None = None) -> Features:
+        """What this engine offers a model beyond plain generation (from settings)."""
+        return features_from_settings(self._settings, self.source(model).name, self._library)
+
     def plan(self, spec: JobSpec) -> GenerationPlan:
         """Validate a spec against its model's family without loading weights."""
         source = self.source(spec.model)
         profile = served_profile(source.family, source.name)
-        return plan_generation(spec, profile, max_num_images=self._settings.max_num_images)
+        return plan_generation(
+            spec,
+            profile,
+            max_num_images=self._settings.max_num_images,
+            features=self.features(spec.model),
+        )
 
     def load(self, model: str | None = None) -> LoadedModel:
         """Load a model (or return it if loaded); a different model replaces the current."""
@@ -141,6 +173,7 @@ class Engine:
             self._device,
             self._dtype,
             vae_force_upcast=bool(getattr(base.vae.config, "force_upcast", False)),
+            adapters=self._adapters_possible(),
         )
         warnings = apply_pipeline_options(base, self._settings, self._device, speed)
         offload = self._settings.cpu_offload and self._device.type == "cuda"
@@ -162,12 +195,30 @@ class Engine:
             speed=speed,
             load_s=0.0,
             warnings=warnings,
+            adapters=LoraAdapters(base, cache_size=self._settings.lora_cache_size),
+            prompts=PromptEncoder(base),
         )
         if speed.warmup:
             loaded.warmup_s = self._warm_up(loaded)
         loaded.load_s = time.perf_counter() - started
         self._loaded = loaded
         return loaded
+
+    def _adapters_possible(self) -> bool:
+        s = self._settings
+        lora_folder = s.lora_path is not None and s.lora_path.is_dir()
+        return bool(lora_folder or s.styles_file or s.lcm_lora or s.ip_adapter)
+
+    def _refiner_of(self, loaded: LoadedModel) -> Any:
+        if loaded.refiner is None:
+            refiner = load_refiner(self._settings, loaded.pipelines.base, self._dtype)
+            refiner.to(self._device)
+            if loaded.speed.vae_dtype is not None:
+                set_vae_dtype(refiner.vae, loaded.speed.vae_dtype)
+            loaded.refiner_scheduler_config = refiner.scheduler.config
+            loaded.refiner_prompts = PromptEncoder(refiner)
+            loaded.refiner = refiner
+        return loaded.refiner
 
     def _warm_up(self, loaded: LoadedModel) -> float:
         """One short text-to-image run at the family's default size, so that compiling
@@ -183,6 +234,7 @@ class Engine:
         return time.perf_counter() - started
 
     def _unload_locked(self) -> None:
+        self._ip_adapter.forget()
         self._loaded = None
         gc.collect()
         if self._device.type == "cuda":
@@ -234,7 +286,7 @@ class Engine:
                 ) from exc
 
     def _prepare_inputs(self, plan: GenerationPlan) -> dict[str, Image.Image]:
-        if plan.task is Task.TEXT2IMG or plan.image is None:
+        if plan.image is None:
             return {}
         fetch = partial(
             load_image,
@@ -243,10 +295,15 @@ class Engine:
             policy=self._settings.address_policy,
             allow_paths=self._allow_local_paths,
         )
-        image = fetch(plan.image, field="image")
-        inputs = {
-            "image": fit_to_size(image.convert("RGB"), plan.width, plan.height, plan.resize_mode)
-        }
+        image = fetch(plan.image, field="image").convert("RGB")
+        if plan.reference is not None:
+            return {"ip_adapter_image": image}
+        if plan.task is Task.UPSCALE:
+            check_upscale_size(plan, *image.size, self._settings.upscale_max_pixels)
+            return {"image": image}
+        if plan.task is Task.TEXT2IMG:
+            return {}
+        inputs = {"image": fit_to_size(image, plan.width, plan.height, plan.resize_mode)}
         if plan.task is Task.INPAINT and plan.mask is not None:
             mask = fetch(plan.mask, field="mask")
             require_same_size(image, mask)
@@ -265,38 +322,21 @@ class Engine:
         load_s: float,
     ) -> list[EngineResult] | Cancelled:
         first = plans[0]
-        pipe = loaded.pipelines.for_task(first.task)
-        seeds = [seed for plan in plans for seed in plan.seeds]
-        pipe.scheduler = build_scheduler(
-            find_scheduler(first.scheduler), loaded.scheduler_config, seeds
-        )
-        final: dict[str, torch.Tensor] = {}
-
-        def step_end(pipeline: Any, index: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            final["latents"] = kwargs["latents"]
-            total = int(pipeline.num_timesteps)
-            if on_step is not None:
-                on_step(index + 1, total)
-            if is_cancelled is not None and is_cancelled() and index + 1 < total:
-                # Raised rather than diffusers' `interrupt` flag, which still runs the
-                # VAE decode over the partial latents: cancel should free the device now.
-                raise _CancelRequested(index + 1, total)
-            return kwargs
-
-        if len(plans) == 1:
-            arguments = pipeline_arguments(first) | inputs[0]
-        else:
-            arguments = batch_arguments(plans, inputs)
+        if len(plans) > 1 and not self._equal_prompt_lengths(loaded, plans):
+            return self._one_by_one(loaded, plans, inputs, on_step, is_cancelled, load_s)
+        progress = _Progress(on_step, is_cancelled)
         started = time.perf_counter()
         try:
-            with torch.inference_mode():
-                output = pipe(**arguments, callback_on_step_end=step_end, output_type="pil")
+            if first.task is Task.UPSCALE:
+                images, warnings = self._upscale(loaded, first, inputs[0], progress)
+            else:
+                images, warnings = self._denoise(loaded, plans, inputs, progress)
         except _CancelRequested as cancel:
             return Cancelled(step=cancel.step, total_steps=cancel.total)
         inference_s = time.perf_counter() - started
         all_latents = None
-        if any(plan.return_latents for plan in plans) and "latents" in final:
-            all_latents = final["latents"].detach().to("cpu", torch.float16).contiguous()
+        if any(plan.return_latents for plan in plans) and progress.latents is not None:
+            all_latents = progress.latents.detach().to("cpu", torch.float16).contiguous()
         results = []
         offset = 0
         for plan in plans:
@@ -307,7 +347,7 @@ class Engine:
                 latents = Latents(data=tensor.numpy().tobytes(), shape=tuple(tensor.shape))
             results.append(
                 EngineResult(
-                    images=list(output.images[offset:end]),
+                    images=list(images[offset:end]),
                     seeds=list(plan.seeds),
                     plan=plan,
                     model=loaded.source.name,
@@ -316,84 +356,161 @@ class Engine:
                     dtype=dtype_name(self._dtype),
                     latents=latents,
                     timings={"load_s": load_s, "inference_s": inference_s},
-                    warnings=[*loaded.warnings, *plan.warnings],
+                    warnings=[*loaded.warnings, *plan.warnings, *warnings],
                     batch_jobs=len(plans),
                 )
             )
             offset = end
         return results
 
-
-# Plan fields every job of a batch must share: they shape the one denoising loop.
-_SHARED_PLAN_FIELDS = (
-    "task",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "scheduler",
-    "strength",
-)
-
-
-def check_batchable(plans: list[GenerationPlan]) -> None:
-    """Raise InvalidJobError unless the plans can run in one pipeline call."""
-    first = plans[0]
-    if len(plans) > 1 and any(p.task is Task.INPAINT and p.num_images > 1 for p in plans):
-        # see jobs.batch_key_of: diffusers encodes such a job's image with one generator
-        raise InvalidJobError("inpainting jobs of several images run alone", field="num_images")
-    for plan in plans[1:]:
-        for name in _SHARED_PLAN_FIELDS:
-            if getattr(plan, name) != getattr(first, name):
-                raise InvalidJobError(
-                    f"jobs of one batch differ in {name}: {getattr(first, name)!r} vs "
-                    f"{getattr(plan, name)!r}",
-                    field=name,
-                )
-        if (plan.negative_prompt is None) != (first.negative_prompt is None):
-            raise InvalidJobError(
-                "jobs of one batch must all have a negative prompt or all have none",
-                field="negative_prompt",
+    @staticmethod
+    def _equal_prompt_lengths(loaded: LoadedModel, plans: list[GenerationPlan]) -> bool:
+        """Long prompts are padded to the batch's longest, which would change the images
+        of shorter ones: such jobs run one by one instead."""
+        lengths = {
+            loaded.prompts.sequence_length(
+                {"prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
+                weighting=plan.prompt_weighting,
             )
+            for plan in plans
+        }
+        return len(lengths) == 1
+
+    def _one_by_one(
+        self,
+        loaded: LoadedModel,
+        plans: list[GenerationPlan],
+        inputs: list[dict[str, Image.Image]],
+        on_step: StepCallback | None,
+        is_cancelled: CancelCheck | None,
+        load_s: float,
+    ) -> list[EngineResult] | Cancelled:
+        results: list[EngineResult] = []
+        for plan, images in zip(plans, inputs, strict=True):
+            outcome = self._generate(loaded, [plan], [images], on_step, is_cancelled, load_s)
+            if isinstance(outcome, Cancelled):
+                return outcome
+            results.extend(outcome)
+        return results
+
+    def _denoise(
+        self,
+        loaded: LoadedModel,
+        plans: list[GenerationPlan],
+        inputs: list[dict[str, Image.Image]],
+        progress: _Progress,
+    ) -> tuple[list[Image.Image], list[str]]:
+        """The diffusion call(s) of a plan (or batch): base model, then the refiner."""
+        first = plans[0]
+        warnings = loaded.adapters.activate(first.loras)
+        self._ip_adapter.sync(loaded.pipelines.base, first.reference is not None)
+        pipe = loaded.pipelines.for_task(first.task)
+        seeds = [seed for plan in plans for seed in plan.seeds]
+        pipe.scheduler = build_scheduler(
+            find_scheduler(first.scheduler), loaded.scheduler_config, seeds
+        )
+        if len(plans) == 1:
+            arguments = pipeline_arguments(first) | inputs[0]
+        else:
+            arguments = batch_arguments(plans, inputs)
+        if first.reference is not None:
+            scale = first.reference.scale
+            scale = self._settings.ip_adapter_scale if scale is None else scale
+            pipe.set_ip_adapter_scale(ip_adapter_scale(pipe.unet, first.reference.type, scale))
+        texts = {name: arguments[name] for name in ("prompt", "negative_prompt")}
+        encoded, notes = loaded.prompts.encode(texts, weighting=first.prompt_weighting)
+        warnings += notes
+        refiner = first.refiner
+        if refiner is None:
+            return progress.call(pipe, arguments | encoded, later=0).images, warnings
+        refiner_pipe = self._refiner_of(loaded)
+        assert loaded.refiner_prompts is not None
+        refiner_pipe.scheduler = build_scheduler(
+            find_scheduler(first.scheduler), loaded.refiner_scheduler_config, seeds
+        )
+        base_arguments = arguments | encoded | {"output_type": "latent"}
+        shared = {
+            name: arguments[name]
+            for name in ("guidance_scale", "num_images_per_prompt", "generator")
+        }
+        refined, notes = loaded.refiner_prompts.encode(texts, weighting=first.prompt_weighting)
+        warnings += [note for note in notes if note not in warnings]
+        if refiner.mode is RefinerMode.ENSEMBLE:
+            base_arguments["denoising_end"] = refiner.high_noise_frac
+            later = max(1, round(refiner.steps * (1 - refiner.high_noise_frac)))
+            extra: dict[str, Any] = {"denoising_start": refiner.high_noise_frac}
+        else:
+            later = max(1, int(refiner.steps * refiner.strength))
+            extra = {"strength": refiner.strength}
+        latents = progress.call(pipe, base_arguments, later=later).images
+        refiner_arguments = (
+            shared
+            | texts
+            | refined
+            | extra
+            | {
+                "image": latents,
+                "num_inference_steps": refiner.steps,
+            }
+        )
+        return progress.call(refiner_pipe, refiner_arguments, later=0).images, warnings
+
+    def _upscale(
+        self,
+        loaded: LoadedModel,
+        plan: GenerationPlan,
+        inputs: dict[str, Image.Image],
+        progress: _Progress,
+    ) -> tuple[list[Image.Image], list[str]]:
+        assert plan.upscale is not None
+        image, factor, name = inputs["image"], plan.upscale.factor, plan.upscale.upscaler
+        if name == "lanczos":
+            return [lanczos(image, factor)], []
+        if name == "hires":
+            # Resample, then a low-strength img2img pass at the new size adds real detail.
+            big = lanczos(image, factor)
+            width, height = big.width // 8 * 8, big.height // 8 * 8
+            if big.size != (width, height):
+                big = big.resize((width, height), Image.Resampling.LANCZOS)
+            img2img = replace(plan, task=Task.IMG2IMG, width=width, height=height, upscale=None)
+            return self._denoise(loaded, [img2img], [{"image": big}], progress)
+        path = upscaler_path(self._settings.upscaler_path, name)
+        if path is None:
+            raise InvalidJobError(f"upscaler: {name!r} is no longer available", field="upscaler")
+        return [self._upscalers.upscale(path, image, factor)], []
 
 
-def batch_arguments(
-    plans: list[GenerationPlan], inputs: list[dict[str, Image.Image]]
-) -> dict[str, Any]:
-    """One diffusers call for several jobs: a prompt (and input image) per image, and
-    one generator per image seeded as the job alone would seed it."""
-    first = plans[0]
-    arguments = pipeline_arguments(first)
-    per_image: dict[str, list[Any]] = {"prompt": [], "negative_prompt": []}
-    for plan, images in zip(plans, inputs, strict=True):
-        for _ in range(plan.num_images):
-            per_image["prompt"].append(plan.prompt)
-            per_image["negative_prompt"].append(plan.negative_prompt)
-            for name, image in images.items():
-                per_image.setdefault(name, []).append(image)
-    arguments |= per_image
-    if first.negative_prompt is None:
-        arguments["negative_prompt"] = None  # zero embeddings for all (SDXL's default)
-    arguments["num_images_per_prompt"] = 1
-    arguments["generator"] = [
-        torch.Generator("cpu").manual_seed(seed) for plan in plans for seed in plan.seeds
-    ]
-    return arguments
+class _Progress:
+    """Step reports across the pipeline calls of one job (base, then refiner): steps
+    count on, and the total is what has run, plus this call's, plus the estimate of
+    the calls still to come."""
 
+    def __init__(self, on_step: StepCallback | None, is_cancelled: CancelCheck | None) -> None:
+        self._on_step = on_step
+        self._is_cancelled = is_cancelled
+        self._done_before = 0
+        self._later = 0
+        self.latents: torch.Tensor | None = None
 
-def pipeline_arguments(plan: GenerationPlan) -> dict[str, Any]:
-    """The diffusers call arguments of a plan (inputs images aside), with CPU generators
-    so that a seed gives the same initial noise on every device."""
-    arguments: dict[str, Any] = {
-        "prompt": plan.prompt,
-        "negative_prompt": plan.negative_prompt,
-        "num_inference_steps": plan.num_inference_steps,
-        "guidance_scale": plan.guidance_scale,
-        "num_images_per_prompt": plan.num_images,
-        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds],
-    }
-    if plan.task is not Task.IMG2IMG:  # img2img takes its size from the image
-        arguments |= {"width": plan.width, "height": plan.height}
-    if plan.strength is not None:
-        arguments["strength"] = plan.strength
-    return arguments
+    def call(self, pipe: Any, arguments: dict[str, Any], *, later: int) -> Any:
+        """One pipeline call; `later`: steps the job's following calls will run."""
+        self._later = later
+        arguments = {"output_type": "pil"} | arguments
+        with torch.inference_mode():
+            output = pipe(**arguments, callback_on_step_end=self._step_end)
+        self._done_before += int(pipe.num_timesteps)
+        return output
+
+    def _step_end(
+        self, pipeline: Any, index: int, _t: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.latents = kwargs["latents"]
+        done = self._done_before + index + 1
+        total = self._done_before + int(pipeline.num_timesteps) + self._later
+        if self._on_step is not None:
+            self._on_step(done, total)
+        if self._is_cancelled is not None and self._is_cancelled() and done < total:
+            # Raised rather than diffusers' `interrupt` flag, which still runs the VAE
+            # decode over the partial latents: cancel should free the device now.
+            raise _CancelRequested(done, total)
+        return kwargs

@@ -268,15 +268,14 @@ def load_pipeline(source: ModelSource, settings: Settings, dtype: torch.dtype) -
         )
     from diffusers import StableDiffusionXLPipeline
 
+    options = pipeline_options(settings)
     try:
-        if source.kind is SourceKind.TINY:
-            folder = ensure_tiny_model(source.location, settings.cache_dir)
-            return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype)
-        if source.kind is SourceKind.FOLDER:
-            return StableDiffusionXLPipeline.from_pretrained(source.location, dtype=dtype)
         if source.kind is SourceKind.SINGLE_FILE:
             return _load_single_file(StableDiffusionXLPipeline, source, settings, dtype)
-        return StableDiffusionXLPipeline.from_pretrained(source.location, dtype=dtype)
+        location = source.location
+        if source.kind is SourceKind.TINY:
+            location = str(ensure_tiny_model(source.location, settings.cache_dir))
+        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **options)
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many types for one cause: unusable weights
@@ -285,6 +284,21 @@ def load_pipeline(source: ModelSource, settings: Settings, dtype: torch.dtype) -
             f"{type(exc).__name__}: {exc}",
             field="model",
         ) from exc
+
+
+def pipeline_options(settings: Settings) -> dict[str, Any]:
+    """Constructor options of SDXL pipelines: the invisible watermark is explicit (off by
+    default), not diffusers' 'on whenever the package happens to be installed'."""
+    if settings.watermark:
+        from diffusers.utils import is_invisible_watermark_available
+
+        if not is_invisible_watermark_available():
+            raise ModelLoadError(
+                "SDWORKER_WATERMARK is on but the invisible-watermark package is not "
+                "installed: pip install 'sdworker[watermark]'",
+                field="watermark",
+            )
+    return {"add_watermarker": settings.watermark}
 
 
 def _load_single_file(
@@ -306,6 +320,7 @@ def _load_single_file(
             local_files_only=True,
             dtype=dtype,
             **extra,
+            **pipeline_options(settings),
         )
     except Exception as exc:
         raise ModelLoadError(

@@ -55,6 +55,7 @@ class SpeedOptions:
 
     channels_last: bool
     fuse_qkv: bool
+    fuse_unet: bool  # False when LoRA/IP-Adapter may load: they need the separate projections
     vae_dtype: torch.dtype | None  # None: diffusers' own handling (the model's dtype)
     compile: str  # off | regional | full
     compile_vae: bool
@@ -66,6 +67,7 @@ class SpeedOptions:
         return {
             "channels_last": self.channels_last,
             "fuse_qkv": self.fuse_qkv,
+            "fuse_unet_qkv": self.fuse_unet,
             "vae_dtype": dtype_name(self.vae_dtype) if self.vae_dtype else "model",
             "compile": self.compile,
             "compile_vae": self.compile_vae,
@@ -79,16 +81,23 @@ def _switch(value: str, auto: bool) -> bool:
 
 
 def resolve_speed_options(
-    settings: Settings, device: torch.device, dtype: torch.dtype, *, vae_force_upcast: bool
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    vae_force_upcast: bool,
+    adapters: bool = False,
 ) -> SpeedOptions:
     """Defaults per device: CUDA gets the whole fast path, CPU and MPS stay eager (on the
-    CPU, compile time dwarfs any gain and channels-last is slower; see bench/RESULTS.md)."""
+    CPU, compile time dwarfs any gain and channels-last is slower; see bench/RESULTS.md).
+    `adapters`: LoRAs or an IP-Adapter may load, so the UNet keeps its separate q/k/v."""
     cuda = device.type == "cuda"
     compile_mode = settings.compile if settings.compile != "auto" else "regional" if cuda else "off"
     compiled = compile_mode != "off"
     return SpeedOptions(
         channels_last=_switch(settings.channels_last, cuda),
         fuse_qkv=_switch(settings.fuse_qkv, cuda),
+        fuse_unet=_switch(settings.fuse_qkv, cuda) and not adapters,
         vae_dtype=_vae_dtype(settings.vae_dtype, device, dtype, vae_force_upcast),
         compile=compile_mode,
         compile_vae=_switch(settings.compile_vae, compiled),
@@ -178,8 +187,8 @@ def apply_pipeline_options(
         if settings.attention_slicing or settings.enable_xformers:
             warnings.append("fuse_qkv is off: it needs SDPA attention (no slicing or xformers)")
         else:
-            pipe.fuse_qkv_projections()
-            for model in (pipe.unet, pipe.vae):
+            pipe.fuse_qkv_projections(unet=speed.fuse_unet, vae=True)
+            for model in (pipe.unet, pipe.vae) if speed.fuse_unet else (pipe.vae,):
                 drop_unfused_projections(model)
     if speed.vae_dtype is not None:
         set_vae_dtype(pipe.vae, speed.vae_dtype)

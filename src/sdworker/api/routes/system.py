@@ -15,7 +15,8 @@ from sdworker.api.deps import ServicesDep
 from sdworker.api.services import Services
 from sdworker.broker.base import WorkerInfo
 from sdworker.engine.schedulers import scheduler_names
-from sdworker.jobs import PRESET_STEPS, OutputFormat
+from sdworker.jobs import OutputFormat
+from sdworker.options import PRESETS, Preset
 
 router = APIRouter(tags=["system"])
 
@@ -34,6 +35,23 @@ def _live_workers(services: Services, workers: list[WorkerInfo]) -> list[WorkerI
     horizon = services.settings.heartbeat_timeout_s
     now = datetime.now(UTC)
     return [w for w in workers if w.last_seen and (now - w.last_seen).total_seconds() < horizon]
+
+
+def _features(services: Services) -> dict[str, Any]:
+    settings, features = services.settings, services.features_of(None)
+    return {
+        "model_variant": features.variant,
+        "refiner": settings.refiner,
+        "loras": len(services.library.catalog.names()),
+        "styles": sorted(services.library.styles),
+        "lcm_lora": bool(settings.lcm_lora),
+        "ip_adapter": features.ip_adapter,
+        "upscalers": ["lanczos", "hires", *features.upscalers],
+        "upscale_max_pixels": features.upscale_max_pixels,
+        "prompt_weighting": True,
+        "safety_checker": False,
+        "watermark": settings.watermark,
+    }
 
 
 def _health(services: Services) -> Health:
@@ -86,7 +104,22 @@ def status(services: ServicesDep) -> dict[str, Any]:
         },
         "schedulers": scheduler_names(),
         "tasks": sorted(task.value for task in family.tasks),
-        "quality_presets": {preset.value: steps for preset, steps in PRESET_STEPS.items()},
+        # The replaced worker's field: its two quality tiers and their steps.
+        "quality_presets": {
+            p.value: PRESETS[p].steps for p in (Preset.SDXL_IMAGE_FAST, Preset.SDXL_IMAGE_HIGH)
+        },
+        "presets": {
+            p.value: {
+                "description": d.description,
+                "steps": d.steps,
+                "guidance_scale": d.guidance_scale,
+                "scheduler": d.scheduler,
+                "refiner": d.refiner.value if d.refiner else None,
+                "lcm_lora": d.lcm_lora,
+            }
+            for p, d in PRESETS.items()
+        },
+        "features": _features(services),
         "output_formats": [fmt.value for fmt in OutputFormat],
         "thumbnail_generation": True,
         "queue": stats.queued,

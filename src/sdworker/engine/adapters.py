@@ -1,0 +1,104 @@
+"""LoRA adapters on a loaded model: load on first use, keep a bounded LRU set loaded,
+activate exactly the job's adapters (none for a job without LoRAs). Switching LoRAs
+between jobs never reloads the base model: adapters sit beside its weights (PEFT)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from sdworker.loras import FAMILY_BY_CROSS_ATTENTION_DIM, ResolvedLora
+
+log = logging.getLogger(__name__)
+
+
+def _family_word(dim: int | None) -> str:
+    family = FAMILY_BY_CROSS_ATTENTION_DIM.get(dim or 0)
+    return f"{dim}, {family}" if family else str(dim)
+
+
+class LoraAdapters:
+    """The adapters loaded into one pipeline's UNet and text encoders."""
+
+    def __init__(self, pipe: Any, *, cache_size: int) -> None:
+        self._pipe = pipe
+        self._cache_size = cache_size
+        self._loaded: OrderedDict[str, tuple[Path, float]] = OrderedDict()
+        # (adapter, weight) pairs now active; None after an eviction or a failed load,
+        # which leave PEFT's active set unknown, so the next activate() sets it again.
+        self._active: tuple[tuple[str, float], ...] | None = ()
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def activate(self, loras: tuple[ResolvedLora, ...]) -> list[str]:
+        """Make exactly `loras` active with their weights; returns warnings for LoRAs that
+        were skipped (made for another model family, or unloadable): never raises for them."""
+        warnings: list[str] = []
+        usable = []
+        for lora in loras:
+            problem = self._incompatibility(lora) or self._ensure_loaded(lora)
+            if problem:
+                warnings.append(problem)
+                log.warning(problem)
+            else:
+                usable.append(lora)
+        wanted = tuple((lora.adapter_name, lora.weight) for lora in usable)
+        if wanted != self._active:
+            if wanted:
+                self._pipe.enable_lora()
+                names = [name for name, _ in wanted]
+                self._pipe.set_adapters(names, adapter_weights=[weight for _, weight in wanted])
+            elif self._loaded:
+                self._pipe.disable_lora()
+            self._active = wanted
+        return warnings
+
+    def _incompatibility(self, lora: ResolvedLora) -> str | None:
+        expected = int(self._pipe.unet.config.cross_attention_dim)
+        if lora.cross_attention_dim is None or lora.cross_attention_dim == expected:
+            return None
+        return (
+            f"LoRA {lora.name!r} ({lora.field}) skipped: it was made for cross-attention "
+            f"{_family_word(lora.cross_attention_dim)}, this model has "
+            f"{_family_word(expected)}"
+        )
+
+    def _ensure_loaded(self, lora: ResolvedLora) -> str | None:
+        stamp = (lora.path, lora.path.stat().st_mtime)
+        name = lora.adapter_name
+        if self._loaded.get(name) == stamp:
+            self._loaded.move_to_end(name)
+            return None
+        if name in self._loaded:  # the name now points at another (or a changed) file
+            self._delete(name)
+        while len(self._loaded) >= self._cache_size:
+            self._delete(next(iter(self._loaded)))
+        # Loading makes the new adapter the only active one: set the job's set again.
+        self._active = None
+        try:
+            self._pipe.load_lora_weights(str(lora.path), adapter_name=name)
+        except Exception as exc:  # diffusers/PEFT raise many types for one cause: unusable
+            self._forget_partial(name)
+            return f"LoRA {lora.name!r} ({lora.field}) skipped: {type(exc).__name__}: {exc}"
+        registered = {n for names in self._pipe.get_list_adapters().values() for n in names}
+        if name not in registered:  # e.g. a LoRA of another architecture: nothing matched
+            return f"LoRA {lora.name!r} ({lora.field}) skipped: none of its layers fit this model"
+        self._loaded[name] = stamp
+        return None
+
+    def _delete(self, name: str) -> None:
+        self._pipe.delete_adapters(name)
+        self._loaded.pop(name, None)
+        self._active = None
+
+    def _forget_partial(self, name: str) -> None:
+        """A failed load may have added the adapter to some modules: remove it."""
+        try:
+            self._pipe.delete_adapters(name)
+        except Exception:  # nothing (or nothing consistent) was loaded under that name
+            log.debug("no partial adapter %s to delete", name)
+        self._active = None
