@@ -21,12 +21,14 @@ from rich.table import Table
 from sdworker.engine.schedulers import SCHEDULERS
 from sdworker.errors import SdworkerError
 from sdworker.jobs import JobSpec, ResizeMode, describe_validation_error
+from sdworker.options import Preset, ReferenceType, RefinerMode
 from sdworker.settings import Settings
 
 app = typer.Typer(
     help="sdworker: self-hosted Stable Diffusion XL image generation.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts use [brackets] for defaults, not rich markup
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, soft_wrap=True)
@@ -70,6 +72,17 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+
+
+def _named_value(text: str, key: str, kind: type[float] | type[int]) -> dict[str, Any]:
+    """'NAME[:VALUE]' -> {"name": NAME, key: VALUE} (a Windows-style 'C:' stays a name)."""
+    name, sep, value = text.rpartition(":")
+    if not sep or not name or "/" in value or "\\" in value:
+        return {"name": text}
+    try:
+        return {"name": name, key: kind(value)}
+    except ValueError:
+        raise _fail(f"{text!r}: {value!r} is not a number; use NAME:{key.upper()}") from None
 
 
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
@@ -159,9 +172,41 @@ def generate(
     dtype: Annotated[
         str | None, typer.Option(help="fp16, bf16 or fp32 [default: fp16 on GPU, fp32 on CPU].")
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora", "-l", help="NAME[:WEIGHT] from the LoRA folder (or a .safetensors path); "
+            "repeat for several [weight 1.0].",
+        ),
+    ] = None,
+    style: Annotated[
+        str | None, typer.Option(help="NAME[:LEVEL] from the style file (SDWORKER_STYLES_FILE).")
+    ] = None,
+    weighting: Annotated[
+        bool, typer.Option("--weighting", "-w", help="Parse (word:1.3), word++, .blend() ...")
+    ] = False,
+    preset: Annotated[
+        Preset | None, typer.Option(help="Named defaults: steps, guidance, scheduler, refiner.")
+    ] = None,
+    refiner: Annotated[
+        RefinerMode | None,
+        typer.Option(help="Use the refiner (SDWORKER_REFINER): ensemble or refine."),
+    ] = None,
+    upscale: Annotated[
+        int | None, typer.Option(help="Upscale --image by 2 or 4 (task upscale).")
+    ] = None,
+    upscaler: Annotated[
+        str | None,
+        typer.Option(help="lanczos, hires or a model in SDWORKER_UPSCALER_DIR [lanczos]."),
+    ] = None,
+    reference_type: Annotated[
+        ReferenceType | None,
+        typer.Option(help="How --image steers: composition (img2img), style or character."),
+    ] = None,
 ) -> None:
-    """Generate images: from a prompt (text2img), an init image (img2img) or image + mask
-    (inpaint)."""
+    """Generate images: from a prompt (text2img), an init image (img2img), image + mask
+    (inpaint), or upscale an image. LoRAs, styles, the refiner and prompt weighting
+    apply to each."""
     settings = _settings(device=device, dtype=dtype)
     with _user_errors():
         spec = JobSpec(
@@ -169,6 +214,10 @@ def generate(
             guidance_scale=guidance, seed=seed, scheduler=scheduler, num_images=num_images,
             image=image, strength=strength, mask=mask, exact_copy_mode=exact_copy,
             resize_mode=resize_mode, model=model, return_latents=save_latents is not None,
+            loras=[_named_value(item, "weight", float) for item in lora or []],
+            style=_named_value(style, "level", int) if style else None,
+            prompt_weighting=weighting, preset=preset, refiner=refiner,
+            upscale_factor=upscale, upscaler=upscaler, reference_type=reference_type,
         )  # fmt: skip
         _quiet_libraries()
         from sdworker.engine.engine import Cancelled, Engine
@@ -192,7 +241,7 @@ def generate(
 
     for picture, path, image_seed in zip(result.images, paths, result.seeds, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        parameters = generation_parameters(result.plan, image_seed, result.model)
+        parameters = generation_parameters(result.plan, image_seed, result.model, picture.size)
         path.write_bytes(encode_png(picture, parameters))
     if save_latents is not None and result.latents is not None:
         save_latents.write_bytes(result.latents.data)

@@ -24,16 +24,23 @@ def a1111_parameters(prompt: str, negative_prompt: str | None, fields: Mapping[s
     return "\n".join(lines)
 
 
-def generation_parameters(plan: GenerationPlan, seed: int, model: str) -> str:
-    """The parameters chunk of one image of a plan."""
+def generation_parameters(
+    plan: GenerationPlan, seed: int, model: str, size: tuple[int, int] | None = None
+) -> str:
+    """The parameters chunk of one image of a plan (`size`: the image's, when it is not
+    the plan's, as for upscaling)."""
+    width, height = size or (plan.width, plan.height)
     fields = {
         "Steps": plan.num_inference_steps,
         "Sampler": find_scheduler(plan.scheduler).label,
         "CFG scale": plan.guidance_scale,
         "Seed": seed,
-        "Size": f"{plan.width}x{plan.height}",
+        "Size": f"{width}x{height}",
         "Model": model,
         "Denoising strength": plan.strength,
+        "Refiner": plan.refiner.mode.value if plan.refiner else None,
+        "Lora": ", ".join(f"{lora.name}:{lora.weight:g}" for lora in plan.loras) or None,
+        "Upscaler": f"{plan.upscale.upscaler} x{plan.upscale.factor}" if plan.upscale else None,
     }
     return a1111_parameters(plan.prompt, plan.negative_prompt, fields)
 

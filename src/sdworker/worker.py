@@ -388,7 +388,8 @@ class Worker:
         assets = []
         for index, (image, seed) in enumerate(zip(outcome.images, outcome.seeds, strict=True)):
             started = time.perf_counter()
-            main = encode_image(image, fmt, generation_parameters(plan, seed, outcome.model))
+            parameters = generation_parameters(plan, seed, outcome.model, image.size)
+            main = encode_image(image, fmt, parameters)
             thumb = thumbnail_webp(image)
             encoded = time.perf_counter()
             key = image_key(job.owner, job.id, index, fmt)
@@ -422,6 +423,14 @@ class Worker:
                         "denoise_strength": plan.strength,
                         "resize_policy": plan.resize_mode.value if plan.image else None,
                         "negative_prompt_used": plan.negative_prompt,
+                        "loras": [{"name": x.name, "weight": x.weight} for x in plan.loras],
+                        "refiner": plan.refiner.mode.value if plan.refiner else None,
+                        "reference_type": plan.reference.type.value if plan.reference else None,
+                        "upscale": (
+                            {"factor": plan.upscale.factor, "upscaler": plan.upscale.upscaler}
+                            if plan.upscale
+                            else None
+                        ),
                     },
                 )
             )

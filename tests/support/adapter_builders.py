@@ -1,8 +1,10 @@
-"""Random-weight adapter files for tiny SDXL pipelines (diffusers 0.42.1, peft 0.21, transformers 5.x).
+"""Random-weight adapter files for tiny SDXL pipelines
+(diffusers 0.42.1, peft 0.21, transformers 5.x).
 
 Self-contained: needs only torch, safetensors, transformers and a diffusers SDXL pipeline object.
 
-* build_tiny_ip_adapter      -> plain IP-Adapter (image_proj + ip_adapter) + tiny CLIP vision encoder
+* build_tiny_ip_adapter      -> plain IP-Adapter (image_proj + ip_adapter)
+                                 + tiny CLIP vision encoder
 * build_tiny_lora_peft       -> diffusers/PEFT LoRA (``unet.<module>.lora_A.weight`` ...)
 * build_tiny_lora_kohya      -> kohya/sd-scripts LoRA (``lora_unet_..._to_q.lora_down.weight`` ...),
                                  SGM/LDM unet naming (``input_blocks_5_1_...``, real SDXL files) or
@@ -25,7 +27,8 @@ _TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 # --------------------------------------------------------------------------- IP-Adapter
 def _ip_hidden_size(unet: Any, proc_name: str) -> int:
-    """The hidden size diffusers' ``_convert_ip_adapter_attn_to_diffusers`` assumes for a processor."""
+    """The hidden size diffusers' ``_convert_ip_adapter_attn_to_diffusers`` assumes for a
+    processor."""
     channels = list(unet.config.block_out_channels)
     if proc_name.startswith("mid_block"):
         return channels[-1]
@@ -46,11 +49,15 @@ def build_tiny_ip_adapter(
 ) -> None:
     """Write a random plain IP-Adapter for ``pipe.unet`` in the h94/IP-Adapter layout::
 
-        folder/<subfolder>/ip-adapter.safetensors   flat keys  image_proj.proj.weight, ip_adapter.1.to_k_ip.weight
-        folder/<subfolder>/ip-adapter.bin           torch.save({"image_proj": {...}, "ip_adapter": {...}})
-        folder/<subfolder>/image_encoder/           CLIPVisionModelWithProjection + preprocessor_config.json
+        folder/<subfolder>/ip-adapter.safetensors
+            flat keys image_proj.proj.weight, ip_adapter.1.to_k_ip.weight
+        folder/<subfolder>/ip-adapter.bin
+            torch.save({"image_proj": {...}, "ip_adapter": {...}})
+        folder/<subfolder>/image_encoder/
+            CLIPVisionModelWithProjection + preprocessor_config.json
 
-    Load with ``pipe.load_ip_adapter(str(folder), subfolder=subfolder, weight_name="ip-adapter.safetensors",
+    Load with ``pipe.load_ip_adapter(str(folder), subfolder=subfolder,
+    weight_name="ip-adapter.safetensors",
     image_encoder_folder="image_encoder")``.
     """
     from safetensors.torch import save_file
@@ -63,8 +70,9 @@ def build_tiny_ip_adapter(
     def rnd(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * std).contiguous()
 
-    # ImageProjection: image_embeds = Linear(image_embed_dim, 4 * cross_dim), norm = LayerNorm(cross_dim);
-    # diffusers detects the plain IP-Adapter by "proj.weight" and reads 4 tokens, cross_dim = rows // 4.
+    # ImageProjection: image_embeds = Linear(image_embed_dim, 4 * cross_dim),
+    # norm = LayerNorm(cross_dim); diffusers detects the plain IP-Adapter by "proj.weight"
+    # and reads 4 tokens, cross_dim = rows // 4.
     image_proj = {
         "proj.weight": rnd(4 * cross_dim, image_embed_dim),
         "proj.bias": rnd(4 * cross_dim),
@@ -106,8 +114,9 @@ def build_tiny_ip_adapter(
     finally:
         torch.random.set_rng_state(state)
     encoder.save_pretrained(str(out / "image_encoder"), safe_serialization=True)
-    # load_ip_adapter itself builds CLIPImageProcessor(size=image_size, crop_size=image_size) when the
-    # pipeline has no feature_extractor; this file is for loaders that read it explicitly.
+    # load_ip_adapter itself builds CLIPImageProcessor(size=image_size, crop_size=image_size)
+    # when the pipeline has no feature_extractor; this file is for loaders that read it
+    # explicitly.
     CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(str(out / "image_encoder"))
@@ -117,7 +126,8 @@ def build_tiny_ip_adapter(
 def _random_lora_layers(
     pipe: Any, rank: int, seed: int, targets: tuple[str, ...], text_encoders: bool, std: float = 0.1
 ) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
-    """(component, module name as in pipe.<component>, lora_A/down [r,in], lora_B/up [out,r]), deterministic."""
+    """(component, module name as in pipe.<component>, lora_A/down [r,in], lora_B/up [out,r]),
+    deterministic."""
     gen = torch.Generator().manual_seed(seed)
     layers = []
     components = [("unet", pipe.unet, tuple(targets))]
@@ -127,7 +137,8 @@ def _random_lora_layers(
                 components.append((comp, getattr(pipe, comp), _TE_TARGETS))
     for comp, model, suffixes in components:
         for name, module in model.named_modules():
-            # Works on an already LoRA-wrapped model too: use the peft wrapper's base layer, skip its parts.
+            # Works on an already LoRA-wrapped model too: use the peft wrapper's base layer,
+            # skip its parts.
             if ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name:
                 continue
             if hasattr(module, "get_base_layer"):
@@ -149,7 +160,8 @@ def _random_lora_layers(
 
 
 def _te_name(model: Any, name: str) -> str:
-    # transformers 5 flattens CLIPTextModel (no .text_model) but CLIPTextModelWithProjection keeps it.
+    # transformers 5 flattens CLIPTextModel (no .text_model) but CLIPTextModelWithProjection
+    # keeps it.
     # Real files always say text_model.*; diffusers strips it again where the model lacks it.
     return name if name.startswith("text_model.") else f"text_model.{name}"
 
@@ -163,7 +175,8 @@ def build_tiny_lora_peft(
     text_encoders: bool = True,
 ) -> None:
     """diffusers/PEFT LoRA: ``unet.<module>.lora_A.weight`` [r,in], ``.lora_B.weight`` [out,r],
-    ``text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight``, ``text_encoder_2....``.
+    ``text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight``,
+    ``text_encoder_2....``.
     No alphas and no metadata: diffusers then uses lora_alpha = r (scale 1.0)."""
     from safetensors.torch import save_file
 
@@ -205,10 +218,12 @@ def build_tiny_lora_kohya(
     naming: str = "sgm",
 ) -> None:
     """kohya/sd-scripts LoRA. ``naming="sgm"`` (real SDXL files):
-    ``lora_unet_input_blocks_5_1_transformer_blocks_0_attn1_to_q.lora_down.weight``; ``naming="diffusers"``:
-    ``lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn1_to_q...``. Plus ``.lora_up.weight``,
-    ``.alpha`` (scalar; scale = alpha / rank; default alpha = rank) and ``lora_te1_`` / ``lora_te2_``
-    ``text_model_encoder_layers_N_self_attn_q_proj``. With the same seed and alpha=rank it is the exact
+    ``lora_unet_input_blocks_5_1_transformer_blocks_0_attn1_to_q.lora_down.weight``;
+    ``naming="diffusers"``:
+    ``lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn1_to_q...``.
+    Plus ``.lora_up.weight``, ``.alpha`` (scalar; scale = alpha / rank; default alpha = rank)
+    and ``lora_te1_`` / ``lora_te2_`` ``text_model_encoder_layers_N_self_attn_q_proj``.
+    With the same seed and alpha=rank it is the exact
     same adapter as build_tiny_lora_peft."""
     from safetensors.torch import save_file
 
@@ -245,8 +260,9 @@ def build_tiny_lora_for_sd15_like(
     cross_attention_dim: int = 768,
     fmt: str = "peft",
 ) -> None:
-    """LoRA on the tiny unet's own attention module names, but attn2.to_k/to_v lora_A (lora_down) has
-    in_features=cross_attention_dim (768 as in SD 1.5) instead of the unet's. fmt: "peft" or "kohya"."""
+    """LoRA on the tiny unet's own attention module names, but attn2.to_k/to_v lora_A
+    (lora_down) has in_features=cross_attention_dim (768 as in SD 1.5) instead of the unet's.
+    fmt: "peft" or "kohya"."""
     from safetensors.torch import save_file
 
     sd = {}
@@ -275,12 +291,14 @@ def build_tiny_lora_for_sd15_like(
 def lora_cross_attention_dim(path: Path | str) -> int | None:
     """in_features of an attn2 to_k/to_v LoRA down matrix, read from the safetensors header only
     (768 SD1.x, 1024 SD2.x, 2048 SDXL base, 1280 SDXL refiner); None if the file has no such key.
-    Handles PEFT (``attn2.to_k.lora_A.weight``), old diffusers (``attn2.processor.to_k_lora.down.weight``)
+    Handles PEFT (``attn2.to_k.lora_A.weight``),
+    old diffusers (``attn2.processor.to_k_lora.down.weight``)
     and kohya (``attn2_to_k.lora_down.weight``)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
+        keys = list(f.keys())
+        for key in keys:
             k = key.replace("_", ".")
             if ".attn2." not in k or not any(t in k for t in (".to.k.", ".to.v.")):
                 continue
