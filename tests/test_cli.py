@@ -219,3 +219,51 @@ def test_models_lists_tiny_and_models_under_the_root(
     assert "tiny-sdxl" in result.stdout
     assert "junk.safetensors" in result.stdout and "unusable" in result.stdout
     assert str(tmp_path) in result.stdout
+
+
+def test_generate_with_a_lora_path_and_weighting(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from sdworker.engine.tiny import build_tiny_pipeline
+    from tests.support.adapter_builders import build_tiny_lora_peft
+
+    build_tiny_lora_peft(build_tiny_pipeline("tiny-sdxl"), tmp_path / "ink.safetensors", seed=3)
+    common = ("--size", "64x64", "--steps", "2", "--seed", "5")
+    plain = run("generate", "a (cat:1.3)", *common, "-o", "plain.png")
+    styled = run(
+        "generate", "a (cat:1.3)", *common, "-w", "--lora", "ink.safetensors:0.8", "-o", "s.png"
+    )
+    assert plain.exit_code == 0 and styled.exit_code == 0, styled.output
+    with Image.open(tmp_path / "s.png") as image:
+        assert "Lora: ink.safetensors:0.8" in image.text["parameters"]
+        styled_pixels = np.asarray(image)
+    with Image.open(tmp_path / "plain.png") as image:
+        assert not np.array_equal(np.asarray(image), styled_pixels)
+
+
+def test_upscale_from_the_command_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gradient_image(40, 24).save(tmp_path / "small.png")
+    result = run("generate", "", "--image", "small.png", "--upscale", "4", "-o", "big.png")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "big.png") as image:
+        assert image.size == (160, 96)
+        assert "Size: 160x96" in image.text["parameters"]
+        assert "Upscaler: lanczos x4" in image.text["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora", "nope:0.5"], "loras[0].name: unknown LoRA 'nope'"),
+        (["--lora", "x:heavy"], "'heavy' is not a number"),
+        (["--style", "ink:2"], "style.name: unknown style 'ink'"),
+        (["--refiner", "ensemble"], "no refiner is configured"),
+        (["--weighting", "--size", "64x64"], "prompt: '(' is never closed at character 1"),
+        (["--image", "init.png", "--upscale", "3"], "upscale_factor must be 2 or 4"),
+    ],
+)
+def test_feature_errors_are_one_line(run, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    gradient_image().save(tmp_path / "init.png")
+    prompt = "(cat" if "--weighting" in args else "x"
+    result = run("generate", prompt, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

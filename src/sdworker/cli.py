@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sdworker.engine.schedulers import SCHEDULERS
-from sdworker.errors import SdworkerError
+from sdworker.errors import InvalidJobError, SdworkerError
 from sdworker.jobs import JobSpec, ResizeMode, describe_validation_error
 from sdworker.options import Preset, ReferenceType, RefinerMode
 from sdworker.settings import Settings
@@ -82,7 +82,9 @@ def _named_value(text: str, key: str, kind: type[float] | type[int]) -> dict[str
     try:
         return {"name": name, key: kind(value)}
     except ValueError:
-        raise _fail(f"{text!r}: {value!r} is not a number; use NAME:{key.upper()}") from None
+        raise InvalidJobError(
+            f"{text!r}: {value!r} is not a number; use NAME:{key.upper()}", field=key
+        ) from None
 
 
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
@@ -175,7 +177,9 @@ def generate(
     lora: Annotated[
         list[str] | None,
         typer.Option(
-            "--lora", "-l", help="NAME[:WEIGHT] from the LoRA folder (or a .safetensors path); "
+            "--lora",
+            "-l",
+            help="NAME[:WEIGHT] from the LoRA folder (or a .safetensors path); "
             "repeat for several [weight 1.0].",
         ),
     ] = None,

@@ -295,7 +295,7 @@ class LoraLibrary:
         if style is not None:
             found = self.find_style(style)
             if style.level > 0:
-                lora = self.catalog.find(found.lora, field="style.name")
+                lora = self._operator_lora(found.lora, "style.name")
                 weight = found.levels[style.level - 1]
                 dim = found.cross_attention_dim or lora.cross_attention_dim
                 resolved.append(
@@ -308,12 +308,7 @@ class LoraLibrary:
                     "model with SDWORKER_MODEL_VARIANT=lcm)",
                     field="preset",
                 )
-            path = Path(self.lcm_lora).expanduser()  # the operator's own setting: a path is fine
-            lora = (
-                inspect_lora(path, "lcm")
-                if path.is_file()
-                else self.catalog.find(self.lcm_lora, field="preset")
-            )
+            lora = self._operator_lora(self.lcm_lora, "preset")
             resolved.append(self._resolved(lora, adapter_name_for("lcm"), 1.0, "preset"))
         seen: set[str] = set()
         for item in resolved:
@@ -323,6 +318,14 @@ class LoraLibrary:
                 )
             seen.add(item.adapter_name)
         return resolved
+
+    def _operator_lora(self, name: str, field: str) -> LoraFile:
+        """A LoRA the operator's configuration names (style file, LCM-LoRA): a path is
+        fine there, unlike in a caller's request."""
+        path = Path(name).expanduser()
+        if path.suffix in LORA_SUFFIXES and path.is_file():
+            return inspect_lora(path)
+        return self.catalog.find(name, field=field)
 
     @staticmethod
     def _resolved(lora: LoraFile, adapter: str, weight: float, where: str) -> ResolvedLora:

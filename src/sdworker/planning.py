@@ -160,6 +160,9 @@ def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
         raise _invalid("mask", "inpaint needs a mask image (white = repaint)")
     if task is Task.UPSCALE and spec.mask:
         raise _invalid("mask", "upscale takes no mask")
+    if task is not Task.UPSCALE and (spec.upscale_factor or spec.upscaler):
+        where = "upscale_factor" if spec.upscale_factor else "upscaler"
+        raise _invalid(where, f"applies to task upscale, not {task.value}")
     if _uses_ip_adapter(spec):
         if task is not Task.TEXT2IMG:
             raise _invalid(
