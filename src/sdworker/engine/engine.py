@@ -23,6 +23,7 @@ from sdworker.engine.refiner import load_refiner
 from sdworker.engine.runtime import (
     SpeedOptions,
     apply_pipeline_options,
+    apply_refiner_options,
     dtype_name,
     resolve_speed_options,
     select_device,
@@ -212,7 +213,9 @@ class Engine:
     def _refiner_of(self, loaded: LoadedModel) -> Any:
         if loaded.refiner is None:
             refiner = load_refiner(self._settings, loaded.pipelines.base, self._dtype)
-            refiner.to(self._device)
+            loaded.warnings += apply_refiner_options(
+                refiner, self._settings, self._device, loaded.speed
+            )
             if loaded.speed.vae_dtype is not None:
                 set_vae_dtype(refiner.vae, loaded.speed.vae_dtype)
             loaded.refiner_scheduler_config = refiner.scheduler.config

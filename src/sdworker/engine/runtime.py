@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,19 @@ def _apply_memory_options(pipe: Any, settings: Settings, device: torch.device) -
         pipe.vae.enable_slicing()
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
+    return warnings
+
+
+def apply_refiner_options(
+    pipe: Any, settings: Settings, device: torch.device, speed: SpeedOptions
+) -> list[str]:
+    """The refiner's own UNet gets the base's device, memory and speed switches; its VAE
+    and text encoder are the base's, already set up (and compiled) with it."""
+    warnings = _apply_memory_options(pipe, settings, device)
+    if speed.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    _compile(pipe, replace(speed, compile_vae=False), settings.compile_cache_path)
+    pipe.set_progress_bar_config(disable=True)
     return warnings
 
 
