@@ -21,6 +21,9 @@ for _name in list(os.environ):
         "CUDA_DEVICE",
         "CUDA_ENABLE_XFORMERS",
         "CUDA_ATTENTION_SLICING",
+        "SDXL_REFINER_ID",
+        "SDXL_REFINER_MODEL",
+        "LORA_PATH",
     }:
         del os.environ[_name]
 

@@ -146,26 +146,29 @@ class LoraCatalog:
 
     def find(self, name: str, *, field: str) -> LoraFile:
         """The LoRA called `name`; an InvalidJobError listing the known names otherwise."""
-        path = self._path_of(name)
-        if path is None:
+        found = self._locate(name)
+        if found is None:
             known = ", ".join(self.names()) or "none (no LoRA folder or it is empty)"
             where = f" in {self._folder}" if self._folder else ""
             raise InvalidJobError(
                 f"{field}: unknown LoRA {name!r}{where}; known: {known}", field=field
             )
-        return self._read(path, name)
+        canonical, path = found
+        return self._read(path, canonical)
 
-    def _path_of(self, name: str) -> Path | None:
+    def _locate(self, name: str) -> tuple[str, Path] | None:
+        """(catalog name, file): "x" and "x.safetensors" are the same LoRA, one adapter."""
         plain = bool(name) and not name.startswith(("/", "~")) and "\\" not in name
         plain = plain and all(part not in {"", ".", ".."} for part in name.split("/"))
         if plain and self._folder is not None:
-            for candidate in (self._folder / name, self._folder / f"{name}.safetensors"):
-                if candidate.suffix in LORA_SUFFIXES and candidate.is_file():
-                    return candidate
+            stem = name.removesuffix(".safetensors")
+            candidate = self._folder / f"{stem}.safetensors"
+            if candidate.is_file():
+                return stem, candidate
         if self._allow_paths:
             path = Path(name).expanduser()
             if path.suffix in LORA_SUFFIXES and path.is_file():
-                return path
+                return name, path
         return None
 
 
@@ -310,13 +313,16 @@ class LoraLibrary:
                 )
             lora = self._operator_lora(self.lcm_lora, "preset")
             resolved.append(self._resolved(lora, adapter_name_for("lcm"), 1.0, "preset"))
-        seen: set[str] = set()
+        seen: set[object] = set()
         for item in resolved:
-            if item.adapter_name in seen:
+            identities = {item.adapter_name, item.path.resolve()}
+            if identities & seen:
                 raise InvalidJobError(
-                    f"{item.field}: LoRA {item.name!r} is asked for twice", field=item.field
+                    f"{item.field}: LoRA {item.name!r} is asked for twice (by name, path or "
+                    "through a style)",
+                    field=item.field,
                 )
-            seen.add(item.adapter_name)
+            seen |= identities
         return resolved
 
     def _operator_lora(self, name: str, field: str) -> LoraFile:

@@ -42,6 +42,7 @@ class GenerationMode(StrEnum):
 
 
 UPSCALE_RESAMPLERS = ("lanczos", "hires")
+HIRES_MIN_SIDE = 16  # the img2img pass works in latents of 1/8 the size
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ def _resolve_refiner(
     spec: JobSpec, task: Task, steps: int, defaults: PresetDefaults, features: Features
 ) -> RefinerPlan | None:
     asked = spec.refiner or (RefinerMode.ENSEMBLE if spec.high_quality else None)
-    mode = asked or (defaults.refiner if features.refiner else None)
+    preset_refiner = features.refiner and task is not Task.UPSCALE
+    mode = asked or (defaults.refiner if preset_refiner else None)
     if mode is None or mode is RefinerMode.OFF:
         return None
     if not features.refiner:
@@ -228,12 +230,20 @@ def _resolve_refiner(
         raise _invalid("refiner", "upscale jobs take no refiner")
     if mode is RefinerMode.ENSEMBLE and task is not Task.TEXT2IMG:
         mode = RefinerMode.REFINE  # the base's partial latents exist only for text2img
-    return RefinerPlan(
+    plan = RefinerPlan(
         mode=mode,
         high_noise_frac=spec.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC,
         steps=spec.refiner_inference_steps or steps,
         strength=spec.refiner_strength or DEFAULT_REFINE_STRENGTH,
     )
+    if mode is RefinerMode.REFINE and int(plan.steps * plan.strength) < 1:
+        raise _invalid(
+            "refiner_strength",
+            f"refiner steps {plan.steps} x refiner_strength {plan.strength:g} runs no refiner "
+            f"step; raise refiner_inference_steps to at least {math.ceil(1 / plan.strength)} "
+            "or refiner_strength",
+        )
+    return plan
 
 
 def _resolve_reference(spec: JobSpec, features: Features) -> ReferencePlan | None:
@@ -262,6 +272,12 @@ def check_upscale_size(plan: GenerationPlan, width: int, height: int, max_pixels
     assert plan.upscale is not None
     factor = plan.upscale.factor
     out_w, out_h = width * factor, height * factor
+    if plan.upscale.upscaler == "hires" and min(out_w, out_h) < HIRES_MIN_SIDE:
+        raise _invalid(
+            "image",
+            f"hires upscaling of {width}x{height} x{factor} gives {out_w}x{out_h}; it needs "
+            f"at least {HIRES_MIN_SIDE} px per side (use lanczos for tiny images)",
+        )
     if out_w * out_h > max_pixels:
         raise _invalid(
             "upscale_factor",

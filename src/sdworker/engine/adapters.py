@@ -39,8 +39,9 @@ class LoraAdapters:
         were skipped (made for another model family, or unloadable): never raises for them."""
         warnings: list[str] = []
         usable = []
+        keep = {lora.adapter_name for lora in loras}
         for lora in loras:
-            problem = self._incompatibility(lora) or self._ensure_loaded(lora)
+            problem = self._incompatibility(lora) or self._ensure_loaded(lora, keep)
             if problem:
                 warnings.append(problem)
                 log.warning(problem)
@@ -67,7 +68,9 @@ class LoraAdapters:
             f"{_family_word(expected)}"
         )
 
-    def _ensure_loaded(self, lora: ResolvedLora) -> str | None:
+    def _ensure_loaded(self, lora: ResolvedLora, keep: set[str]) -> str | None:
+        """Load `lora` unless loaded; evicts the least recently used adapters that the
+        job does not need (a job naming more LoRAs than the cache holds still runs)."""
         stamp = (lora.path, lora.path.stat().st_mtime)
         name = lora.adapter_name
         if self._loaded.get(name) == stamp:
@@ -75,8 +78,9 @@ class LoraAdapters:
             return None
         if name in self._loaded:  # the name now points at another (or a changed) file
             self._delete(name)
-        while len(self._loaded) >= self._cache_size:
-            self._delete(next(iter(self._loaded)))
+        evictable = [loaded for loaded in self._loaded if loaded not in keep]
+        while len(self._loaded) >= self._cache_size and evictable:
+            self._delete(evictable.pop(0))
         # Loading makes the new adapter the only active one: set the job's set again.
         self._active = None
         try:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdworker.engine.adapters import LoraAdapters
 from sdworker.engine.arguments import batch_arguments, check_batchable, pipeline_arguments
-from sdworker.engine.models import ModelSource, load_pipeline, resolve_model
+from sdworker.engine.models import ModelSource, load_pipeline, pipeline_options, resolve_model
 from sdworker.engine.pipelines import PipelineSet
 from sdworker.engine.prompts import PromptEncoder
 from sdworker.engine.reference import IpAdapter, ip_adapter_scale
@@ -42,6 +42,7 @@ from sdworker.options import RefinerMode
 from sdworker.planning import (
     Features,
     GenerationPlan,
+    RefinerPlan,
     check_upscale_size,
     features_from_settings,
     plan_generation,
@@ -191,7 +192,12 @@ class Engine:
 
         loaded = LoadedModel(
             source=source,
-            pipelines=PipelineSet(base, on_switch if offload else None, on_derive),
+            pipelines=PipelineSet(
+                base,
+                on_switch if offload else None,
+                on_derive,
+                options=pipeline_options(self._settings),
+            ),
             scheduler_config=base.scheduler.config,
             speed=speed,
             load_s=0.0,
@@ -438,12 +444,11 @@ class Engine:
         }
         refined, notes = loaded.refiner_prompts.encode(texts, weighting=first.prompt_weighting)
         warnings += [note for note in notes if note not in warnings]
+        later = refiner_step_count(refiner_pipe.scheduler, refiner)
         if refiner.mode is RefinerMode.ENSEMBLE:
             base_arguments["denoising_end"] = refiner.high_noise_frac
-            later = max(1, round(refiner.steps * (1 - refiner.high_noise_frac)))
             extra: dict[str, Any] = {"denoising_start": refiner.high_noise_frac}
         else:
-            later = max(1, int(refiner.steps * refiner.strength))
             extra = {"strength": refiner.strength}
         latents = progress.call(pipe, base_arguments, later=later).images
         refiner_arguments = (
@@ -481,6 +486,23 @@ class Engine:
         if path is None:
             raise InvalidJobError(f"upscaler: {name!r} is no longer available", field="upscaler")
         return [self._upscalers.upscale(path, image, factor)], []
+
+
+def refiner_step_count(scheduler: Any, refiner: RefinerPlan) -> int:
+    """The steps diffusers' SDXL img2img will run for the refiner (for progress totals),
+    counted on a copy of its scheduler the way the pipeline selects its timesteps."""
+    counter = type(scheduler).from_config(scheduler.config)
+    counter.set_timesteps(refiner.steps)
+    timesteps = counter.timesteps
+    if refiner.mode is RefinerMode.ENSEMBLE:
+        train = counter.config.num_train_timesteps
+        cutoff = round(train - refiner.high_noise_frac * train)
+        count = int((timesteps < cutoff).sum().item())
+        if counter.order == 2 and count % 2 == 0:
+            count += 1  # diffusers keeps second-order pairs whole
+        return count
+    start = max(refiner.steps - min(int(refiner.steps * refiner.strength), refiner.steps), 0)
+    return len(timesteps[start * counter.order :])
 
 
 class _Progress:

@@ -20,14 +20,18 @@ class PipelineSet:
         base: Any,
         on_switch: Callable[[Any], None] | None = None,
         on_derive: Callable[[Any], None] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """`on_switch(pipe)` runs when a different task's pipeline becomes active
         (model CPU offload keeps its hooks per pipeline, so they must be re-attached);
-        `on_derive(pipe)` runs on each pipeline made from the base."""
+        `on_derive(pipe)` runs on each pipeline made from the base; `options` are
+        constructor options that SDXL pipelines do not keep in their config (the
+        watermark), so from_pipe would otherwise fall back to diffusers' default."""
         self._pipelines: dict[Task, Any] = {Task.TEXT2IMG: base}
         self._on_switch = on_switch
         self._on_derive = on_derive
         self._active = Task.TEXT2IMG
+        self._options = options or {}
 
     @property
     def base(self) -> Any:
@@ -50,7 +54,7 @@ class PipelineSet:
             Task.INPAINT: StableDiffusionXLInpaintPipeline,
         }
         # from_pipe casts to fp32 unless told the dtype, which would upcast shared weights.
-        pipe = classes[task].from_pipe(self.base, dtype=self.base.dtype)
+        pipe = classes[task].from_pipe(self.base, dtype=self.base.dtype, **self._options)
         pipe.set_progress_bar_config(disable=True)
         if self._on_derive is not None:
             self._on_derive(pipe)

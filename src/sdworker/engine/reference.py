@@ -88,9 +88,10 @@ class IpAdapter:
                 str(Path(encoder).expanduser()) if Path(encoder).expanduser().exists() else encoder,
                 dtype=self._dtype,
             ).to(self._device)
-            pipe.register_modules(
-                image_encoder=image_encoder, feature_extractor=CLIPImageProcessor()
-            )
+            # Sized to the encoder, as diffusers does when it loads the encoder itself.
+            size = image_encoder.config.image_size
+            extractor = CLIPImageProcessor(size=size, crop_size=size)
+            pipe.register_modules(image_encoder=image_encoder, feature_extractor=extractor)
             pipe.load_ip_adapter(
                 folder, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None
             )
