@@ -14,6 +14,7 @@ from sdworker.errors import InvalidJobError
 
 _A1111_WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
 _CALL = re.compile(r"\.(blend|and|add)\(")
+_WITH_LORA = re.compile(r"\bwithLora\(", re.IGNORECASE)
 _NUMBER = re.compile(r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*$")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
@@ -59,8 +60,10 @@ class PromptSyntaxError(InvalidJobError):
         self.position = position
 
 
-def _pairs(text: str, field: str) -> dict[int, int]:
-    """Matching parentheses (open index -> close index); errors at the first unmatched."""
+def _pairs(text: str, field: str, *, quotes: bool = True) -> dict[int, int]:
+    """Matching parentheses (open index -> close index); errors at the first unmatched.
+    Parentheses inside "quoted" prompts of a blend are text; a lone quote (an inch
+    mark: `a 12" pizza`) is text too, so then quotes are not treated as strings."""
     pairs: dict[int, int] = {}
     opened: list[int] = []
     in_quote = False
@@ -70,7 +73,7 @@ def _pairs(text: str, field: str) -> dict[int, int]:
         if char == "\\":
             index += 2
             continue
-        if char == '"':
+        if char == '"' and quotes:
             in_quote = not in_quote
         elif char == "(" and not in_quote:
             opened.append(index)
@@ -79,6 +82,8 @@ def _pairs(text: str, field: str) -> dict[int, int]:
                 raise PromptSyntaxError(field, index, "')' without a matching '('", text)
             pairs[opened.pop()] = index
         index += 1
+    if in_quote:
+        return _pairs(text, field, quotes=False)
     if opened:
         raise PromptSyntaxError(field, opened[-1], "'(' is never closed", text)
     return pairs
@@ -94,7 +99,8 @@ def _check_call(text: str, field: str, match: re.Match[str], pairs: dict[int, in
     offset = open_at + 1
     for part in arguments.split(","):
         if part.strip() and part.strip() != "no_normalize" and not _NUMBER.match(part):
-            raise PromptSyntaxError(field, offset, f"weight {part.strip()!r} is not a number", text)
+            where = offset + len(part) - len(part.lstrip())
+            raise PromptSyntaxError(field, where, f"weight {part.strip()!r} is not a number", text)
         offset += len(part) + 1
     tuple_close = match.start() - 1
     tuple_open = next((o for o, c in pairs.items() if c == tuple_close), None)
@@ -103,12 +109,20 @@ def _check_call(text: str, field: str, match: re.Match[str], pairs: dict[int, in
             field, match.start(), f'.{match.group(1)}() must follow a ("...", "...") group', text
         )
     prompts = len(_QUOTED.findall(text[tuple_open:tuple_close]))
-    if match.group(1) == "blend" and prompts and len(weights) != prompts:
+    # .blend() needs a weight per prompt; .and() takes none or one per prompt.
+    if prompts and len(weights) != prompts and (match.group(1) == "blend" or weights):
         raise PromptSyntaxError(
             field,
             match.start(),
-            f".blend() has {len(weights)} weight(s) for {prompts} prompt(s)",
+            f".{match.group(1)}() has {len(weights)} weight(s) for {prompts} prompt(s)",
             text,
+        )
+    after = pairs[open_at] + 1
+    if tuple_open == 0 and text[after:].strip():
+        # compel reads a whole-prompt blend/and or nothing: trailing text would be lost.
+        trailing = after + len(text[after:]) - len(text[after:].lstrip())
+        raise PromptSyntaxError(
+            field, trailing, f"text after .{match.group(1)}() is not allowed", text
         )
 
 
@@ -116,5 +130,10 @@ def check_weighting_syntax(text: str, field: str) -> None:
     """Raise PromptSyntaxError (a 422 naming the field and position) for unbalanced
     parentheses and malformed .blend()/.and() calls."""
     pairs = _pairs(text, field)
+    lora = _WITH_LORA.search(text)
+    if lora:
+        raise PromptSyntaxError(
+            field, lora.start(), "withLora() is not supported; use the loras field", text
+        )
     for match in _CALL.finditer(text):
         _check_call(text, field, match, pairs)

@@ -9,7 +9,6 @@ encoders, pooled output of the second).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -71,61 +70,73 @@ class PromptEncoder:
             ]
         return self._compels
 
-    def token_count(self, text: str, *, weighting: bool) -> int:
+    def token_count(self, text: str, *, weighting: bool, field: str = "prompt") -> int:
         """Tokens of what is encoded (begin/end tokens not counted; syntax not counted)."""
         tokenizer = self._pipe.tokenizer_2
         parts = [text]
         if weighting:
-            conjunction = self._parse(text)
+            conjunction = self._parse(text, field)
             parts = [" ".join(_plain_texts(p)) for p in self._flat_prompts(conjunction)]
-        return max(
+        counts = [
             len(
                 tokenizer(part, add_special_tokens=False, truncation=False, verbose=False)[
                     "input_ids"
                 ]
             )
             for part in parts
-        )
+        ]
+        return max(counts, default=0)
 
     def encode(self, texts: dict[str, Any], *, weighting: bool) -> tuple[dict[str, Any], list[str]]:
         """Call arguments replacing `prompt`/`negative_prompt` (empty when diffusers' own
         encoding is exact), and notes for the job result."""
         prompts = _as_list(texts["prompt"]) or [""]
         negatives = _as_list(texts.get("negative_prompt"))
-        counts = [self.token_count(t, weighting=weighting) for t in [*prompts, *(negatives or [])]]
-        longest = max(counts)
+        longest = self._longest(prompts, negatives or [], weighting)
         if not weighting and longest <= CHUNK_TOKENS:
             return {}, []
+        embeds = self._embeddings(prompts, negatives, weighting)
         notes = []
         if longest > CHUNK_TOKENS:
+            # compel ends a chunk at a sentence end when it can: count what it made.
+            chunks = embeds["prompt_embeds"].shape[1] // (CHUNK_TOKENS + 2)
             notes.append(
-                f"prompt of {longest} tokens encoded in {math.ceil(longest / CHUNK_TOKENS)} "
-                f"chunks of {CHUNK_TOKENS}, not truncated (the pooled embedding, by CLIP's "
-                f"design, sees the first {CHUNK_TOKENS})"
+                f"prompt of {longest} tokens encoded in {chunks} chunks of up to "
+                f"{CHUNK_TOKENS}, not truncated (the pooled embedding, by CLIP's design, sees "
+                f"the first {CHUNK_TOKENS})"
             )
-        embeds = self._embeddings(prompts, negatives, weighting)
         return {"prompt": None, "negative_prompt": None, **embeds}, notes
+
+    def _longest(self, prompts: list[str], negatives: list[str], weighting: bool) -> int:
+        counts = [self.token_count(text, weighting=weighting) for text in prompts]
+        counts += [
+            self.token_count(text, weighting=weighting, field="negative_prompt")
+            for text in negatives
+        ]
+        return max(counts, default=0)
 
     def sequence_length(self, texts: dict[str, Any], *, weighting: bool) -> int:
         """The embedding length a call's texts get (77 per chunk); batches of jobs whose
         lengths differ would pad the shorter ones and change their images."""
         prompts = _as_list(texts["prompt"]) or [""]
         negatives = _as_list(texts.get("negative_prompt")) or []
-        longest = max(self.token_count(t, weighting=weighting) for t in [*prompts, *negatives])
-        if not weighting and longest <= CHUNK_TOKENS:
+        if not weighting and self._longest(prompts, negatives, weighting) <= CHUNK_TOKENS:
             return CHUNK_TOKENS + 2
         return int(
             self._embeddings(prompts, negatives or None, weighting)["prompt_embeds"].shape[1]
         )
 
     @staticmethod
-    def _parse(text: str) -> Any:
+    def _parse(text: str, field: str) -> Any:
         from compel.prompt_parser import PromptParser
 
+        translated = to_compel(text)
         try:
-            return PromptParser().parse_conjunction(to_compel(text))
+            return PromptParser().parse_conjunction(translated)
         except Exception as exc:  # pyparsing and compel errors: the check in planning missed it
-            raise PromptSyntaxError("prompt", 0, f"cannot parse the prompt ({exc})", text) from exc
+            # pyparsing's position holds only where the A1111 rewrite changed nothing.
+            position = getattr(exc, "loc", 0) if translated == text else 0
+            raise PromptSyntaxError(field, position, f"cannot parse it ({exc})", text) from exc
 
     @staticmethod
     def _flat_prompts(conjunction: Any) -> list[Any]:
@@ -174,9 +185,11 @@ class PromptEncoder:
             texts = list(prompts)
         per_encoder: list[list[torch.Tensor]] = [[] for _ in compels]
         pooled: list[torch.Tensor] = []
-        for text in texts:
+        for row, text in enumerate(texts):
             if weighting:
-                conjunction = self._parse(text)
+                conjunction = self._parse(
+                    text, "prompt" if row < len(prompts) else "negative_prompt"
+                )
                 for index, compel in enumerate(compels):
                     cond, _ = compel.build_conditioning_tensor_for_conjunction(conjunction)
                     per_encoder[index].append(cond if cond.dim() == 3 else cond.unsqueeze(0))
