@@ -209,6 +209,27 @@ class Settings(BaseSettings):
         validation_alias=_env("LORA_CACHE_SIZE"),
         description="LoRA adapters kept loaded on the model (least recently used go first).",
     )
+    lora_hotswap: Switch = Field(
+        default="auto",
+        validation_alias=_env("LORA_HOTSWAP"),
+        description="Swap LoRAs into fixed adapter slots in place, so a compiled UNet never "
+        "recompiles for a new LoRA set. auto: on when the UNet is compiled and LoRAs are "
+        "configured.",
+    )
+    lora_hotswap_slots: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        validation_alias=_env("LORA_HOTSWAP_SLOTS"),
+        description="Hotswap: most LoRAs per job (each slot costs compute on every job).",
+    )
+    lora_max_rank: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        validation_alias=_env("LORA_MAX_RANK"),
+        description="Hotswap: highest LoRA rank the slots hold (higher ranks are skipped).",
+    )
     styles_file: Path | None = Field(
         default=None,
         validation_alias=_env("STYLES_FILE", "STYLES_CONFIG"),
@@ -502,7 +523,9 @@ class Settings(BaseSettings):
         # SDWORKER_COMPILE_UNET=true of earlier versions meant a full compile.
         return _fold_boolean(value, on="full")
 
-    @field_validator("channels_last", "fuse_qkv", "compile_vae", "warmup", mode="before")
+    @field_validator(
+        "channels_last", "fuse_qkv", "compile_vae", "warmup", "lora_hotswap", mode="before"
+    )
     @classmethod
     def _normalise_switch(cls, value: object) -> object:
         return _fold_boolean(value, on="on")

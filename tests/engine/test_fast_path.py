@@ -92,6 +92,7 @@ def test_cpu_defaults_keep_the_plain_eager_path(settings: Settings) -> None:
     assert speed.describe() == {
         "channels_last": False,
         "fuse_qkv": False,
+        "fuse_unet_qkv": False,
         "vae_dtype": "model",
         "compile": "off",
         "compile_vae": False,
@@ -370,3 +371,40 @@ def test_a_batch_can_be_cancelled_between_steps(engine: Engine) -> None:
     )
     assert outcome == Cancelled(step=2, total_steps=6)
     assert steps == [1, 2]
+
+
+def test_adapters_keep_the_unet_projections_unfused(settings: Settings) -> None:
+    """LoRA and IP-Adapter layers wrap to_q/to_k/to_v, which fusing deletes: with
+    adapters possible, only the VAE is fused."""
+    speed = resolve_speed_options(
+        settings.model_copy(update={"fuse_qkv": "on"}),
+        torch.device("cpu"),
+        torch.float32,
+        vae_force_upcast=True,
+        adapters=True,
+    )
+    assert speed.fuse_qkv and not speed.fuse_unet
+    plain = resolve_speed_options(
+        settings.model_copy(update={"fuse_qkv": "on"}),
+        torch.device("cpu"),
+        torch.float32,
+        vae_force_upcast=True,
+    )
+    assert plain.fuse_unet
+
+
+def test_a_lora_runs_on_an_engine_that_fuses_qkv(settings: Settings, tmp_path: Path) -> None:
+    from sdworker.engine.tiny import build_tiny_pipeline
+    from tests.support.adapter_builders import build_tiny_lora_peft
+
+    build_tiny_lora_peft(build_tiny_pipeline("tiny-sdxl"), tmp_path / "ink.safetensors")
+    engine = Engine(settings.model_copy(update={"fuse_qkv": "on", "lora_dir": tmp_path}))
+    spec = _spec(loras=[{"name": "ink", "weight": 0.8}])
+    result = engine.run(spec)
+    assert isinstance(result, EngineResult) and result.warnings == []
+    unet = engine.load().pipelines.base.unet
+    attention = unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1
+    assert hasattr(attention, "to_q") and not getattr(attention, "fused_projections", False)
+    plain = Engine(settings).run(spec.model_copy(update={"loras": []}))
+    assert isinstance(plain, EngineResult)
+    assert max_pixel_difference(result.images[0], plain.images[0]) > 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sdworker.loras import FAMILY_BY_CROSS_ATTENTION_DIM, ResolvedLora
 
@@ -17,6 +17,27 @@ log = logging.getLogger(__name__)
 def _family_word(dim: int | None) -> str:
     family = FAMILY_BY_CROSS_ATTENTION_DIM.get(dim or 0)
     return f"{dim}, {family}" if family else str(dim)
+
+
+class Adapters(Protocol):
+    """What the engine needs of a LoRA manager (plain or hotswap)."""
+
+    @property
+    def loaded(self) -> list[str]: ...
+
+    def activate(self, loras: tuple[ResolvedLora, ...]) -> list[str]: ...
+
+
+def check_compatible(pipe: Any, lora: ResolvedLora) -> str | None:
+    """Why `lora` cannot apply to this model's UNet (another family's cross-attention
+    width), or None."""
+    expected = int(pipe.unet.config.cross_attention_dim)
+    if lora.cross_attention_dim is None or lora.cross_attention_dim == expected:
+        return None
+    return (
+        f"LoRA {lora.name!r} ({lora.field}) skipped: it was made for cross-attention "
+        f"{_family_word(lora.cross_attention_dim)}, this model has {_family_word(expected)}"
+    )
 
 
 class LoraAdapters:
@@ -41,7 +62,7 @@ class LoraAdapters:
         usable = []
         keep = {lora.adapter_name for lora in loras}
         for lora in loras:
-            problem = self._incompatibility(lora) or self._ensure_loaded(lora, keep)
+            problem = check_compatible(self._pipe, lora) or self._ensure_loaded(lora, keep)
             if problem:
                 warnings.append(problem)
                 log.warning(problem)
@@ -57,16 +78,6 @@ class LoraAdapters:
                 self._pipe.disable_lora()
             self._active = wanted
         return warnings
-
-    def _incompatibility(self, lora: ResolvedLora) -> str | None:
-        expected = int(self._pipe.unet.config.cross_attention_dim)
-        if lora.cross_attention_dim is None or lora.cross_attention_dim == expected:
-            return None
-        return (
-            f"LoRA {lora.name!r} ({lora.field}) skipped: it was made for cross-attention "
-            f"{_family_word(lora.cross_attention_dim)}, this model has "
-            f"{_family_word(expected)}"
-        )
 
     def _ensure_loaded(self, lora: ResolvedLora, keep: set[str]) -> str | None:
         """Load `lora` unless loaded; evicts the least recently used adapters that the

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdworker.engine.adapters import LoraAdapters
+from sdworker.engine.adapters import Adapters, LoraAdapters
 from sdworker.engine.arguments import batch_arguments, check_batchable, pipeline_arguments
+from sdworker.engine.hotswap import HotswapLoras
 from sdworker.engine.models import ModelSource, load_pipeline, pipeline_options, resolve_model
 from sdworker.engine.pipelines import PipelineSet
 from sdworker.engine.prompts import PromptEncoder
@@ -94,7 +95,7 @@ class LoadedModel:
     speed: SpeedOptions
     load_s: float  # weights on the device, compiled and warmed up: ready for jobs
     warnings: list[str]
-    adapters: LoraAdapters
+    adapters: Adapters
     prompts: PromptEncoder
     warmup_s: float = 0.0
     refiner: Any = None  # the refiner pipeline, loaded with the first job that needs it
@@ -177,6 +178,7 @@ class Engine:
             vae_force_upcast=bool(getattr(base.vae.config, "force_upcast", False)),
             adapters=self._adapters_possible(),
         )
+        adapters = self._lora_manager(base, speed)  # hotswap slots go in before compiling
         warnings = apply_pipeline_options(base, self._settings, self._device, speed)
         offload = self._settings.cpu_offload and self._device.type == "cuda"
         device = self._device
@@ -202,7 +204,7 @@ class Engine:
             speed=speed,
             load_s=0.0,
             warnings=warnings,
-            adapters=LoraAdapters(base, cache_size=self._settings.lora_cache_size),
+            adapters=adapters,
             prompts=PromptEncoder(base),
         )
         if speed.warmup:
@@ -210,6 +212,21 @@ class Engine:
         loaded.load_s = time.perf_counter() - started
         self._loaded = loaded
         return loaded
+
+    def _lora_manager(self, base: Any, speed: SpeedOptions) -> Adapters:
+        s = self._settings
+        loras_configured = bool(
+            (s.lora_path is not None and s.lora_path.is_dir()) or s.styles_file or s.lcm_lora
+        )
+        auto = speed.compile != "off" and loras_configured
+        if s.lora_hotswap == "on" or (s.lora_hotswap == "auto" and auto):
+            return HotswapLoras(
+                base,
+                slots=s.lora_hotswap_slots,
+                max_rank=s.lora_max_rank,
+                cache_size=s.lora_cache_size,
+            )
+        return LoraAdapters(base, cache_size=s.lora_cache_size)
 
     def _adapters_possible(self) -> bool:
         s = self._settings
