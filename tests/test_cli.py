@@ -257,7 +257,7 @@ def test_upscale_from_the_command_line(run, tmp_path: Path) -> None:  # type: ig
         (["--style", "ink:2"], "style.name: unknown style 'ink'"),
         (["--refiner", "ensemble"], "no refiner is configured"),
         (["--weighting", "--size", "64x64"], "prompt: '(' is never closed at character 1"),
-        (["--image", "init.png", "--upscale", "3"], "upscale_factor must be 2 or 4"),
+        (["--image", "init.png", "--upscale", "3"], "upscale_factor: must be 2 or 4"),
     ],
 )
 def test_feature_errors_are_one_line(run, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]

@@ -49,3 +49,26 @@ def test_dockerfile_pins_torch_and_starts_the_service() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "pip install torch==2.13.0" in text
     assert 'CMD ["sdworker", "serve"]' in text
+
+
+def test_api_replicas_read_the_models_volume_the_workers_use() -> None:
+    """The API validates model, LoRA, style and upscaler names against the model root."""
+    (compose,) = _documents(DEPLOY / "docker-compose.yml")
+    services = compose["services"]
+    # "${MODELS_DIR:-./models}:/models[:ro]": the container path is after the "}:"
+    api_mounts = {v.split("}:")[1].split(":")[0] for v in services["api"]["volumes"]}
+    worker_mounts = {v.split("}:")[1].split(":")[0] for v in services["worker"]["volumes"]}
+    assert "/models" in api_mounts & worker_mounts
+    assert services["api"]["volumes"][0].endswith(":ro")
+    assert services["api"]["environment"]["SDXL_MODEL_ROOT"] == "/models"
+    api, _ = _documents(DEPLOY / "k8s" / "api.yaml")
+    spec = api["spec"]["template"]["spec"]
+    (mount,) = spec["containers"][0]["volumeMounts"]
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}
+    (worker,) = _documents(DEPLOY / "k8s" / "worker.yaml")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]}
+    worker_claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in worker["spec"]["template"]["spec"]["volumes"]
+    }
+    assert claims == worker_claims

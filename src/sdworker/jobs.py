@@ -193,10 +193,15 @@ class JobSpec(BaseModel):
                 if given is not None and given != parsed:
                     raise ValueError(f"size {self.size!r} disagrees with {name}={given}")
             self.width, self.height = width, height
-        if self.upscale_factor is not None and self.upscale_factor not in UPSCALE_FACTORS:
-            allowed = " or ".join(map(str, UPSCALE_FACTORS))
-            raise ValueError(f"upscale_factor must be {allowed}, not {self.upscale_factor}")
         return self
+
+    @field_validator("upscale_factor")
+    @classmethod
+    def _check_factor(cls, value: int | None) -> int | None:
+        if value is not None and value not in UPSCALE_FACTORS:
+            allowed = " or ".join(map(str, UPSCALE_FACTORS))
+            raise ValueError(f"must be {allowed}, not {value}")
+        return value
 
     @property
     def weighting_enabled(self) -> bool:

@@ -149,10 +149,8 @@ class LoraCatalog:
         found = self._locate(name)
         if found is None:
             known = ", ".join(self.names()) or "none (no LoRA folder or it is empty)"
-            where = f" in {self._folder}" if self._folder else ""
-            raise InvalidJobError(
-                f"{field}: unknown LoRA {name!r}{where}; known: {known}", field=field
-            )
+            # No folder path in the message: callers learn nothing of the server's files.
+            raise InvalidJobError(f"{field}: unknown LoRA {name!r}; known: {known}", field=field)
         canonical, path = found
         return self._read(path, canonical)
 
@@ -160,15 +158,18 @@ class LoraCatalog:
         """(catalog name, file): "x" and "x.safetensors" are the same LoRA, one adapter."""
         plain = bool(name) and not name.startswith(("/", "~")) and "\\" not in name
         plain = plain and all(part not in {"", ".", ".."} for part in name.split("/"))
-        if plain and self._folder is not None:
-            stem = name.removesuffix(".safetensors")
-            candidate = self._folder / f"{stem}.safetensors"
-            if candidate.is_file():
-                return stem, candidate
-        if self._allow_paths:
-            path = Path(name).expanduser()
-            if path.suffix in LORA_SUFFIXES and path.is_file():
-                return name, path
+        try:
+            if plain and self._folder is not None:
+                stem = name.removesuffix(".safetensors")
+                candidate = self._folder / f"{stem}.safetensors"
+                if candidate.is_file():
+                    return stem, candidate
+            if self._allow_paths:
+                path = Path(name).expanduser()
+                if path.suffix in LORA_SUFFIXES and path.is_file():
+                    return name, path
+        except (OSError, RuntimeError):  # a name too long for the file system, "~nobody"
+            return None
         return None
 
 
@@ -186,7 +187,7 @@ class Style:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "lora": self.lora,
+            "lora": Path(self.lora).stem,  # a name, never the operator's path
             "adapter_name": self.adapter_name,
             "levels": list(self.levels),
             "cross_attention_dim": self.cross_attention_dim,

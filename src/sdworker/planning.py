@@ -99,6 +99,7 @@ class ReferencePlan:
 class UpscalePlan:
     factor: int
     upscaler: str  # lanczos, hires or an upscaler model name
+    max_side: int  # hires denoises at the output size: the family's largest side
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ def _resolve_refiner(
     spec: JobSpec, task: Task, steps: int, defaults: PresetDefaults, features: Features
 ) -> RefinerPlan | None:
     asked = spec.refiner or (RefinerMode.ENSEMBLE if spec.high_quality else None)
-    preset_refiner = features.refiner and task is not Task.UPSCALE
+    # A preset's refiner would repaint outside an inpaint mask, and upscales take none.
+    preset_refiner = features.refiner and task in (Task.TEXT2IMG, Task.IMG2IMG)
     mode = asked or (defaults.refiner if preset_refiner else None)
     if mode is None or mode is RefinerMode.OFF:
         return None
@@ -259,19 +261,26 @@ def _resolve_reference(spec: JobSpec, features: Features) -> ReferencePlan | Non
     return ReferencePlan(type=spec.reference_type, image=spec.image, scale=spec.reference_scale)
 
 
-def _resolve_upscale(spec: JobSpec, features: Features) -> UpscalePlan:
+def _resolve_upscale(spec: JobSpec, family: FamilyProfile, features: Features) -> UpscalePlan:
     upscaler = spec.upscaler or "lanczos"
     if upscaler not in UPSCALE_RESAMPLERS and upscaler not in features.upscalers:
         known = ", ".join([*UPSCALE_RESAMPLERS, *features.upscalers])
         raise _invalid("upscaler", f"unknown upscaler {upscaler!r}; known: {known}")
-    return UpscalePlan(factor=spec.upscale_factor or 2, upscaler=upscaler)
+    return UpscalePlan(factor=spec.upscale_factor or 2, upscaler=upscaler, max_side=family.max_side)
 
 
 def check_upscale_size(plan: GenerationPlan, width: int, height: int, max_pixels: int) -> None:
-    """Refuse an upscale whose output would pass the pixel cap (names the field)."""
+    """Refuse an upscale whose output would pass the pixel cap, or (hires, which
+    denoises at the output size) the model's largest side; names the field."""
     assert plan.upscale is not None
-    factor = plan.upscale.factor
+    factor, max_side = plan.upscale.factor, plan.upscale.max_side
     out_w, out_h = width * factor, height * factor
+    if plan.upscale.upscaler == "hires" and max(out_w, out_h) > max_side:
+        raise _invalid(
+            "upscale_factor",
+            f"hires upscaling of {width}x{height} x{factor} gives {out_w}x{out_h}, over the "
+            f"model's largest side of {max_side} px; use lanczos or an upscaler model",
+        )
     if plan.upscale.upscaler == "hires" and min(out_w, out_h) < HIRES_MIN_SIDE:
         raise _invalid(
             "image",
@@ -306,6 +315,8 @@ def _check_prompts(spec: JobSpec) -> None:
     if spec.weighting_enabled:
         for name in ("prompt", "negative_prompt", "compel_weights"):
             check_weighting_syntax(getattr(spec, name) or "", name)
+        if spec.compel_weights:  # what is encoded: the prompt with the weights appended
+            check_weighting_syntax(spec.full_prompt, "compel_weights")
 
 
 def plan_generation(
@@ -335,12 +346,17 @@ def plan_generation(
     )
     negative = spec.negative_prompt
     strength = _resolve_strength(spec, task, warnings)
+    if spec.steps is None and preset in (Preset.LCM, Preset.TURBO) and strength:
+        # A few-step model's steps are denoising steps: img2img runs int(steps x strength).
+        wanted = steps
+        while int(steps * strength) < wanted:
+            steps += 1
     mode = {
         Task.TEXT2IMG: GenerationMode.TEXT2IMG,
         Task.IMG2IMG: GenerationMode.REFERENCE_MODIFY,
         Task.UPSCALE: GenerationMode.UPSCALE,
     }.get(task, GenerationMode.INPAINT)
-    upscale = _resolve_upscale(spec, features) if task is Task.UPSCALE else None
+    upscale = _resolve_upscale(spec, family, features) if task is Task.UPSCALE else None
     if upscale is not None and upscale.upscaler != "hires" and spec.num_images > 1:
         raise _invalid("num_images", f"{upscale.upscaler} upscaling makes one image; use 1")
     if upscale is not None and upscale.upscaler != "hires":

@@ -53,6 +53,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     build_tiny_lora_peft(pipe, folder / "wide.safetensors", rank=16, seed=4)
     build_tiny_lora_for_sd15_like(pipe, folder / "sd15.safetensors")
+    build_tiny_lora_peft(pipe, folder / "text_only.safetensors", rank=2, seed=6, targets=())
     # A LoRA on a layer outside the transformer blocks: the slots do not hold it.
     linear = pipe.unet.time_embedding.linear_1
     save_file(
@@ -147,6 +148,24 @@ def test_unusable_loras_are_skipped_and_the_next_job_is_fine(
     assert max_pixel_difference(after.images[0], want_after.images[0]) <= 1
 
 
+def test_a_text_only_lora_leaves_no_earlier_unet_lora_behind(hot: Engine, plain: Engine) -> None:
+    _run(hot, loras=[{"name": "alpha", "weight": 0.7}])  # alpha now sits in slot 0
+    got = _run(hot, loras=[{"name": "text_only", "weight": 1.0}])
+    want = _run(plain, loras=[{"name": "text_only", "weight": 1.0}])
+    assert got.warnings == []
+    assert max_pixel_difference(got.images[0], want.images[0]) <= 1
+    base = _run(plain)
+    assert max_pixel_difference(got.images[0], base.images[0]) > 0  # the LoRA did apply
+
+
+def test_a_failed_swap_keeps_the_jobs_other_loras(hot: Engine, plain: Engine) -> None:
+    result = _run(hot, loras=[{"name": "alpha", "weight": 0.7}, {"name": "offside"}])
+    assert len(result.warnings) == 1 and "'offside'" in result.warnings[0]
+    assert [lora.name for lora in result.plan.loras] == ["alpha"]  # what really applied
+    want = _run(plain, loras=[{"name": "alpha", "weight": 0.7}])
+    assert max_pixel_difference(result.images[0], want.images[0]) <= 1
+
+
 @pytest.fixture
 def no_recompile() -> Iterator[None]:
     import torch._dynamo
@@ -172,7 +191,7 @@ def test_a_compiled_unet_never_recompiles_across_lora_sets(
 
     def image(loras: list[dict[str, Any]]) -> np.ndarray:
         spec = JobSpec(**JOB, loras=loras)
-        assert slots.activate(tuple(library.resolve(spec.loras, None, lcm=False))) == []
+        assert slots.activate(tuple(library.resolve(spec.loras, None, lcm=False))).warnings == []
         out = pipe(
             "a lighthouse",
             num_inference_steps=2,

@@ -347,6 +347,16 @@ def test_a_long_and_a_short_prompt_in_a_batch_equal_each_alone(
     assert _chunk_notes(results[0]) and not _chunk_notes(results[1])
 
 
+def test_a_batch_run_one_by_one_reports_progress_that_only_grows(engine: Engine) -> None:
+    specs = [_spec(prompt=LONG, seed=11), _spec(prompt="a red fox in snow", seed=12)]
+    seen: list[tuple[int, int]] = []
+    outcome = engine.run_batch(specs, on_step=lambda step, total: seen.append((step, total)))
+    assert not isinstance(outcome, Cancelled) and len(outcome) == 2
+    steps = [step for step, _ in seen]
+    assert steps == list(range(1, len(seen) + 1))  # counts on across the two jobs
+    assert {total for _, total in seen} == {len(seen)}  # one total for the whole batch
+
+
 @pytest.mark.parametrize(
     "prompts",
     [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,13 +20,25 @@ def _family_word(dim: int | None) -> str:
     return f"{dim}, {family}" if family else str(dim)
 
 
+@dataclass
+class Activation:
+    """The LoRAs a job really runs with, and why the others were skipped."""
+
+    applied: list[ResolvedLora] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, problem: str) -> None:
+        self.warnings.append(problem)
+        log.warning(problem)
+
+
 class Adapters(Protocol):
     """What the engine needs of a LoRA manager (plain or hotswap)."""
 
     @property
     def loaded(self) -> list[str]: ...
 
-    def activate(self, loras: tuple[ResolvedLora, ...]) -> list[str]: ...
+    def activate(self, loras: tuple[ResolvedLora, ...]) -> Activation: ...
 
 
 def check_compatible(pipe: Any, lora: ResolvedLora) -> str | None:
@@ -55,20 +68,18 @@ class LoraAdapters:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
-    def activate(self, loras: tuple[ResolvedLora, ...]) -> list[str]:
-        """Make exactly `loras` active with their weights; returns warnings for LoRAs that
-        were skipped (made for another model family, or unloadable): never raises for them."""
-        warnings: list[str] = []
-        usable = []
+    def activate(self, loras: tuple[ResolvedLora, ...]) -> Activation:
+        """Make exactly `loras` active with their weights; LoRAs made for another model
+        family, or unloadable, are skipped with a warning: never raises for them."""
+        outcome = Activation()
         keep = {lora.adapter_name for lora in loras}
         for lora in loras:
             problem = check_compatible(self._pipe, lora) or self._ensure_loaded(lora, keep)
             if problem:
-                warnings.append(problem)
-                log.warning(problem)
+                outcome.skip(problem)
             else:
-                usable.append(lora)
-        wanted = tuple((lora.adapter_name, lora.weight) for lora in usable)
+                outcome.applied.append(lora)
+        wanted = tuple((lora.adapter_name, lora.weight) for lora in outcome.applied)
         if wanted != self._active:
             if wanted:
                 self._pipe.enable_lora()
@@ -77,7 +88,7 @@ class LoraAdapters:
             elif self._loaded:
                 self._pipe.disable_lora()
             self._active = wanted
-        return warnings
+        return outcome
 
     def _ensure_loaded(self, lora: ResolvedLora, keep: set[str]) -> str | None:
         """Load `lora` unless loaded; evicts the least recently used adapters that the

@@ -5,9 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import torch
@@ -16,8 +14,16 @@ from PIL import Image
 from sdworker.engine.adapters import Adapters, LoraAdapters
 from sdworker.engine.arguments import batch_arguments, check_batchable, pipeline_arguments
 from sdworker.engine.hotswap import HotswapLoras
+from sdworker.engine.inputs import prepare_inputs
 from sdworker.engine.models import ModelSource, load_pipeline, pipeline_options, resolve_model
 from sdworker.engine.pipelines import PipelineSet
+from sdworker.engine.progress import (
+    CancelCheck,
+    CancelRequested,
+    Progress,
+    StepCallback,
+    refiner_step_count,
+)
 from sdworker.engine.prompts import PromptEncoder
 from sdworker.engine.reference import IpAdapter, ip_adapter_scale
 from sdworker.engine.refiner import load_refiner
@@ -35,24 +41,17 @@ from sdworker.engine.schedulers import build_scheduler, find_scheduler
 from sdworker.engine.upscale import UpscalerModels, lanczos
 from sdworker.errors import InvalidJobError, OutOfMemoryError
 from sdworker.families import Task, served_profile
-from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
-from sdworker.loras import LoraLibrary
-from sdworker.media import fit_to_size
+from sdworker.loras import LoraLibrary, ResolvedLora
 from sdworker.options import RefinerMode
 from sdworker.planning import (
     Features,
     GenerationPlan,
-    RefinerPlan,
-    check_upscale_size,
     features_from_settings,
     plan_generation,
 )
 from sdworker.settings import Settings
 from sdworker.upscalers import upscaler_path
-
-StepCallback = Callable[[int, int], None]
-CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,13 @@ class LoadedModel:
     refiner_prompts: PromptEncoder | None = None
 
 
-class _CancelRequested(Exception):
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(step, total)
-        self.step, self.total = step, total
+@dataclass
+class _Output:
+    """What the pipeline calls of a job made, and what really applied."""
+
+    images: list[Image.Image]
+    warnings: list[str] = field(default_factory=list)
+    loras: tuple[ResolvedLora, ...] = ()
 
 
 class Engine:
@@ -293,7 +295,10 @@ class Engine:
         if len(sources) > 1:
             raise InvalidJobError("jobs of one batch must use the same model", field="model")
         check_batchable(plans)
-        inputs = [self._prepare_inputs(plan) for plan in plans]
+        inputs = [
+            prepare_inputs(plan, self._settings, allow_paths=self._allow_local_paths)
+            for plan in plans
+        ]
         source = sources.pop()
         with self._lock:
             already_loaded = self._loaded is not None and self._loaded.source == source
@@ -311,33 +316,6 @@ class Engine:
                     f"{plans[0].width}x{plans[0].height}; try fewer images or a smaller size"
                 ) from exc
 
-    def _prepare_inputs(self, plan: GenerationPlan) -> dict[str, Image.Image]:
-        if plan.image is None:
-            return {}
-        fetch = partial(
-            load_image,
-            max_bytes=self._settings.fetch_max_bytes,
-            timeout_s=self._settings.fetch_timeout_s,
-            policy=self._settings.address_policy,
-            allow_paths=self._allow_local_paths,
-        )
-        image = fetch(plan.image, field="image").convert("RGB")
-        if plan.reference is not None:
-            return {"ip_adapter_image": image}
-        if plan.task is Task.UPSCALE:
-            check_upscale_size(plan, *image.size, self._settings.upscale_max_pixels)
-            return {"image": image}
-        if plan.task is Task.TEXT2IMG:
-            return {}
-        inputs = {"image": fit_to_size(image, plan.width, plan.height, plan.resize_mode)}
-        if plan.task is Task.INPAINT and plan.mask is not None:
-            mask = fetch(plan.mask, field="mask")
-            require_same_size(image, mask)
-            inputs["mask_image"] = fit_to_size(
-                mask.convert("L"), plan.width, plan.height, plan.resize_mode
-            )
-        return inputs
-
     def _generate(
         self,
         loaded: LoadedModel,
@@ -350,14 +328,14 @@ class Engine:
         first = plans[0]
         if len(plans) > 1 and not self._equal_prompt_lengths(loaded, plans):
             return self._one_by_one(loaded, plans, inputs, on_step, is_cancelled, load_s)
-        progress = _Progress(on_step, is_cancelled)
+        progress = Progress(on_step, is_cancelled)
         started = time.perf_counter()
         try:
             if first.task is Task.UPSCALE:
-                images, warnings = self._upscale(loaded, first, inputs[0], progress)
+                output = self._upscale(loaded, first, inputs[0], progress)
             else:
-                images, warnings = self._denoise(loaded, plans, inputs, progress)
-        except _CancelRequested as cancel:
+                output = self._denoise(loaded, plans, inputs, progress)
+        except CancelRequested as cancel:
             return Cancelled(step=cancel.step, total_steps=cancel.total)
         inference_s = time.perf_counter() - started
         all_latents = None
@@ -373,16 +351,17 @@ class Engine:
                 latents = Latents(data=tensor.numpy().tobytes(), shape=tuple(tensor.shape))
             results.append(
                 EngineResult(
-                    images=list(images[offset:end]),
+                    images=list(output.images[offset:end]),
                     seeds=list(plan.seeds),
-                    plan=plan,
+                    # the LoRAs that really applied (others were skipped with a warning)
+                    plan=replace(plan, loras=output.loras),
                     model=loaded.source.name,
                     family=loaded.source.family,
                     device=str(self._device),
                     dtype=dtype_name(self._dtype),
                     latents=latents,
                     timings={"load_s": load_s, "inference_s": inference_s},
-                    warnings=[*loaded.warnings, *plan.warnings, *warnings],
+                    warnings=[*loaded.warnings, *plan.warnings, *output.warnings],
                     batch_jobs=len(plans),
                 )
             )
@@ -412,11 +391,24 @@ class Engine:
         load_s: float,
     ) -> list[EngineResult] | Cancelled:
         results: list[EngineResult] = []
-        for plan, images in zip(plans, inputs, strict=True):
-            outcome = self._generate(loaded, [plan], [images], on_step, is_cancelled, load_s)
+        done = 0
+        for index, (plan, images) in enumerate(zip(plans, inputs, strict=True)):
+            # Progress counts on over the jobs of the batch, as one batched call would.
+            later = sum(p.denoise_steps for p in plans[index + 1 :])
+            last = [plan.denoise_steps]
+
+            def report(
+                step: int, total: int, done: int = done, later: int = later, last: list[int] = last
+            ) -> None:
+                last[0] = total
+                if on_step is not None:
+                    on_step(done + step, done + total + later)
+
+            outcome = self._generate(loaded, [plan], [images], report, is_cancelled, load_s)
             if isinstance(outcome, Cancelled):
-                return outcome
+                return Cancelled(done + outcome.step, done + outcome.total_steps + later)
             results.extend(outcome)
+            done += last[0]
         return results
 
     def _denoise(
@@ -424,11 +416,12 @@ class Engine:
         loaded: LoadedModel,
         plans: list[GenerationPlan],
         inputs: list[dict[str, Image.Image]],
-        progress: _Progress,
-    ) -> tuple[list[Image.Image], list[str]]:
+        progress: Progress,
+    ) -> _Output:
         """The diffusion call(s) of a plan (or batch): base model, then the refiner."""
         first = plans[0]
-        warnings = loaded.adapters.activate(first.loras)
+        activation = loaded.adapters.activate(first.loras)
+        warnings, applied = list(activation.warnings), tuple(activation.applied)
         self._ip_adapter.sync(loaded.pipelines.base, first.reference is not None)
         pipe = loaded.pipelines.for_task(first.task)
         seeds = [seed for plan in plans for seed in plan.seeds]
@@ -448,7 +441,8 @@ class Engine:
         warnings += notes
         refiner = first.refiner
         if refiner is None:
-            return progress.call(pipe, arguments | encoded, later=0).images, warnings
+            images = progress.call(pipe, arguments | encoded, later=0).images
+            return _Output(images, warnings, applied)
         refiner_pipe = self._refiner_of(loaded)
         assert loaded.refiner_prompts is not None
         refiner_pipe.scheduler = build_scheduler(
@@ -478,19 +472,20 @@ class Engine:
                 "num_inference_steps": refiner.steps,
             }
         )
-        return progress.call(refiner_pipe, refiner_arguments, later=0).images, warnings
+        images = progress.call(refiner_pipe, refiner_arguments, later=0).images
+        return _Output(images, warnings, applied)
 
     def _upscale(
         self,
         loaded: LoadedModel,
         plan: GenerationPlan,
         inputs: dict[str, Image.Image],
-        progress: _Progress,
-    ) -> tuple[list[Image.Image], list[str]]:
+        progress: Progress,
+    ) -> _Output:
         assert plan.upscale is not None
         image, factor, name = inputs["image"], plan.upscale.factor, plan.upscale.upscaler
         if name == "lanczos":
-            return [lanczos(image, factor)], []
+            return _Output([lanczos(image, factor)])
         if name == "hires":
             # Resample, then a low-strength img2img pass at the new size adds real detail.
             big = lanczos(image, factor)
@@ -502,57 +497,4 @@ class Engine:
         path = upscaler_path(self._settings.upscaler_path, name)
         if path is None:
             raise InvalidJobError(f"upscaler: {name!r} is no longer available", field="upscaler")
-        return [self._upscalers.upscale(path, image, factor)], []
-
-
-def refiner_step_count(scheduler: Any, refiner: RefinerPlan) -> int:
-    """The steps diffusers' SDXL img2img will run for the refiner (for progress totals),
-    counted on a copy of its scheduler the way the pipeline selects its timesteps."""
-    counter = type(scheduler).from_config(scheduler.config)
-    counter.set_timesteps(refiner.steps)
-    timesteps = counter.timesteps
-    if refiner.mode is RefinerMode.ENSEMBLE:
-        train = counter.config.num_train_timesteps
-        cutoff = round(train - refiner.high_noise_frac * train)
-        count = int((timesteps < cutoff).sum().item())
-        if counter.order == 2 and count % 2 == 0:
-            count += 1  # diffusers keeps second-order pairs whole
-        return count
-    start = max(refiner.steps - min(int(refiner.steps * refiner.strength), refiner.steps), 0)
-    return len(timesteps[start * counter.order :])
-
-
-class _Progress:
-    """Step reports across the pipeline calls of one job (base, then refiner): steps
-    count on, and the total is what has run, plus this call's, plus the estimate of
-    the calls still to come."""
-
-    def __init__(self, on_step: StepCallback | None, is_cancelled: CancelCheck | None) -> None:
-        self._on_step = on_step
-        self._is_cancelled = is_cancelled
-        self._done_before = 0
-        self._later = 0
-        self.latents: torch.Tensor | None = None
-
-    def call(self, pipe: Any, arguments: dict[str, Any], *, later: int) -> Any:
-        """One pipeline call; `later`: steps the job's following calls will run."""
-        self._later = later
-        arguments = {"output_type": "pil"} | arguments
-        with torch.inference_mode():
-            output = pipe(**arguments, callback_on_step_end=self._step_end)
-        self._done_before += int(pipe.num_timesteps)
-        return output
-
-    def _step_end(
-        self, pipeline: Any, index: int, _t: Any, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        self.latents = kwargs["latents"]
-        done = self._done_before + index + 1
-        total = self._done_before + int(pipeline.num_timesteps) + self._later
-        if self._on_step is not None:
-            self._on_step(done, total)
-        if self._is_cancelled is not None and self._is_cancelled() and done < total:
-            # Raised rather than diffusers' `interrupt` flag, which still runs the VAE
-            # decode over the partial latents: cancel should free the device now.
-            raise _CancelRequested(done, total)
-        return kwargs
+        return _Output([self._upscalers.upscale(path, image, factor)])

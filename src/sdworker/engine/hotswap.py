@@ -18,28 +18,39 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdworker.engine.adapters import check_compatible
+from sdworker.engine.adapters import Activation, check_compatible
 from sdworker.loras import ResolvedLora
 
 log = logging.getLogger(__name__)
 
 _UNET_PREFIXES = ("unet.", "lora_unet_")
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te")
 Stamp = tuple[Path, float]
 
 
-def split_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A LoRA file's (UNet part, text-encoder part), in its own format (PEFT or kohya)."""
+@dataclass(frozen=True)
+class LoraParts:
+    """A LoRA file's tensors by where they go, in the file's own format (PEFT or kohya)."""
+
+    unet: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor]
+    other: dict[str, torch.Tensor]
+
+
+def split_lora_file(path: Path) -> LoraParts:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     unet = {key: value for key, value in state.items() if key.startswith(_UNET_PREFIXES)}
-    text = {key: value for key, value in state.items() if key not in unet}
-    return unet, text
+    text = {key: value for key, value in state.items() if key.startswith(_TEXT_PREFIXES)}
+    other = {key: value for key, value in state.items() if key not in unet and key not in text}
+    return LoraParts(unet, text, other)
 
 
 def _down_weights(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -81,23 +92,36 @@ class HotswapLoras:
 
     def _prepare(self) -> None:
         """Zero adapters in every slot, then scalings as tensors (before compiling)."""
+        for slot in self._slots:
+            # Fresh tensors per slot: PEFT may keep the given tensors as the weights, and
+            # an in-place swap into one slot must not write into another.
+            self._pipe.load_lora_weights(self._zero_state(), adapter_name=slot)
+        self._finish_slots()
+        for index in range(len(self._slots)):
+            self._weigh(index, 0.0)
+
+    def _finish_slots(self) -> None:
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
         unet = self._pipe.unet
-        for slot in self._slots:
-            if slot not in self._unet_adapters():
-                # Fresh tensors per slot: PEFT may keep the given tensors as the weights,
-                # and an in-place swap into one slot must not write into another.
-                self._pipe.load_lora_weights(self._zero_state(), adapter_name=slot)
-        unet.set_adapters(self._slots, [1.0] * len(self._slots))
+        self._layers = [m for m in unet.modules() if hasattr(m, "scaling") and hasattr(m, "r")]
+        # Layer by layer: the pipeline's set_adapters would turn tensor scalings to floats.
+        for layer in self._layers:
+            layer.set_adapter(self._slots)
         prepare_model_for_compiled_hotswap(
             unet, target_rank=self._max_rank, check_compiled="ignore"
         )
-        self._layers = [m for m in unet.modules() if hasattr(m, "scaling") and hasattr(m, "r")]
-        for index in range(len(self._slots)):
-            self._slot_files[index] = None
-            self._slot_scalings[index] = {}
-            self._weigh(index, 0.0)
+
+    def _rebuild_slot(self, index: int) -> None:
+        """diffusers deletes a slot's adapter when a swap into it fails: a zero one again
+        (this one load recompiles the UNet)."""
+        slot = self._slots[index]
+        if slot not in set(self._pipe.get_list_adapters().get("unet", [])):
+            self._pipe.load_lora_weights(self._zero_state(), adapter_name=slot)
+        self._finish_slots()
+        self._slot_files[index] = None
+        self._slot_scalings[index] = {}
+        self._weigh(index, 0.0)
 
     def _zero_state(self) -> dict[str, torch.Tensor]:
         zero: dict[str, torch.Tensor] = {}
@@ -107,59 +131,72 @@ class HotswapLoras:
             zero[f"unet.{name}.lora_B.weight"] = torch.zeros(features_out, rank, dtype=dtype)
         return zero
 
-    def _unet_adapters(self) -> set[str]:
-        return set(self._pipe.get_list_adapters().get("unet", []))
-
-    def activate(self, loras: tuple[ResolvedLora, ...]) -> list[str]:
+    def activate(self, loras: tuple[ResolvedLora, ...]) -> Activation:
         """Swap the job's LoRAs into the slots with their weights; the rest weigh 0.
-        Returns warnings for LoRAs that were skipped; never raises for them."""
-        warnings: list[str] = []
-        placed: list[tuple[int, float]] = []
+        LoRAs that cannot apply are skipped with a warning; never raises for them."""
+        outcome = Activation()
+        weights = [0.0] * len(self._slots)
         text: list[tuple[str, float]] = []
+        keep = {lora.adapter_name for lora in loras}
+        used = 0
         for lora in loras:
             problem = check_compatible(self._pipe, lora)
-            if problem is None and len(placed) == len(self._slots):
-                problem = (
-                    f"LoRA {lora.name!r} ({lora.field}) skipped: a compiled model takes at most "
-                    f"{len(self._slots)} LoRAs per job (SDWORKER_LORA_HOTSWAP_SLOTS)"
-                )
-            if problem is None:
-                problem = self._place(len(placed), lora, text)
+            parts = None if problem else split_lora_file(lora.path)
+            if parts is not None:
+                problem = self._refusal(lora, parts, used)
+            if problem is None and parts is not None:
+                problem = self._apply(lora, parts, used, keep)
             if problem:
-                warnings.append(problem)
-                log.warning(problem)
-            else:
-                placed.append((len(placed), lora.weight))
-        for index in range(len(self._slots)):
-            weight = next((w for i, w in placed if i == index), 0.0)
+                outcome.skip(problem)
+                continue
+            assert parts is not None
+            if parts.unet:
+                weights[used] = lora.weight
+                used += 1
+            if parts.text:
+                text.append((lora.adapter_name, lora.weight))
+            outcome.applied.append(lora)
+        for index, weight in enumerate(weights):
             self._weigh(index, weight)
         self._activate_text(text)
-        return warnings
+        return outcome
 
-    def _place(self, index: int, lora: ResolvedLora, text: list[tuple[str, float]]) -> str | None:
+    def _refusal(self, lora: ResolvedLora, parts: LoraParts, used: int) -> str | None:
+        """Why the slots cannot hold this LoRA, before anything is loaded."""
+        where = f"LoRA {lora.name!r} ({lora.field}) skipped"
+        if parts.other:
+            sample = next(iter(parts.other))
+            return f"{where}: layer names it does not know how to place (e.g. {sample})"
+        down = _down_weights(parts.unet)
+        if any(weight.dim() != 2 for weight in down):
+            return f"{where}: it has convolution layers, which the compiled model's slots lack"
+        if down and max(weight.shape[0] for weight in down) > self._max_rank:
+            rank = max(weight.shape[0] for weight in down)
+            return f"{where}: rank {rank} is over SDWORKER_LORA_MAX_RANK={self._max_rank}"
+        if parts.unet and used == len(self._slots):
+            return (
+                f"{where}: a compiled model takes at most {len(self._slots)} LoRAs per job "
+                "(SDWORKER_LORA_HOTSWAP_SLOTS)"
+            )
+        return None
+
+    def _apply(
+        self, lora: ResolvedLora, parts: LoraParts, index: int, keep: set[str]
+    ) -> str | None:
         stamp = (lora.path, lora.path.stat().st_mtime)
-        unet_part, text_part = split_lora_file(lora.path)
-        if any(weight.dim() != 2 for weight in _down_weights(unet_part)):
-            return (
-                f"LoRA {lora.name!r} ({lora.field}) skipped: it has convolution layers, "
-                "which a compiled model's LoRA slots do not cover"
-            )
-        ranks = [weight.shape[0] for weight in _down_weights(unet_part)]
-        if ranks and max(ranks) > self._max_rank:
-            return (
-                f"LoRA {lora.name!r} ({lora.field}) skipped: rank {max(ranks)} is over "
-                f"SDWORKER_LORA_MAX_RANK={self._max_rank}"
-            )
-        if self._slot_files[index] != stamp and unet_part:
+        if parts.text:
+            problem = self._load_text(lora, parts.text, stamp, keep)
+            if problem:
+                return problem
+        if parts.unet and self._slot_files[index] != stamp:
             try:
                 self._pipe.load_lora_weights(
-                    unet_part, adapter_name=self._slots[index], hotswap=True
+                    dict(parts.unet), adapter_name=self._slots[index], hotswap=True
                 )
-            except Exception as exc:  # diffusers deletes the slot's adapter on failure
-                self._prepare()
+            except Exception as exc:  # diffusers deleted the slot's adapter: rebuild it
+                self._rebuild_slot(index)
                 return f"LoRA {lora.name!r} ({lora.field}) skipped: {type(exc).__name__}: {exc}"
-            # diffusers leaves only the swapped adapter active: all slots again (layer by
-            # layer: the pipeline's set_adapters would turn the scalings back into floats).
+            # diffusers leaves only the swapped adapter active: all slots again.
             for layer in self._layers:
                 layer.set_adapter(self._slots)
             self._slot_files[index] = stamp
@@ -168,11 +205,6 @@ class HotswapLoras:
                 for layer in self._layers
                 if self._slots[index] in layer.scaling
             }
-        if text_part:
-            problem = self._load_text(lora, text_part, stamp)
-            if problem:
-                return problem
-            text.append((lora.adapter_name, lora.weight))
         return None
 
     def _weigh(self, index: int, weight: float) -> None:
@@ -185,7 +217,7 @@ class HotswapLoras:
                 tensor.copy_(base * weight if base is not None else torch.zeros_like(tensor))
 
     def _load_text(
-        self, lora: ResolvedLora, part: dict[str, torch.Tensor], stamp: Stamp
+        self, lora: ResolvedLora, part: dict[str, torch.Tensor], stamp: Stamp, keep: set[str]
     ) -> str | None:
         name = lora.adapter_name
         if self._text.get(name) == stamp:
@@ -193,10 +225,11 @@ class HotswapLoras:
             return None
         if name in self._text:
             self._delete_text(name)
-        while len(self._text) >= self._cache_size:
-            self._delete_text(next(iter(self._text)))
+        evictable = [name for name in self._text if name not in keep]
+        while len(self._text) >= self._cache_size and evictable:
+            self._delete_text(evictable.pop(0))
         try:
-            self._pipe.load_lora_weights(part, adapter_name=name)
+            self._pipe.load_lora_weights(dict(part), adapter_name=name)
         except Exception as exc:  # unusable text-encoder layers: skip the LoRA
             return f"LoRA {lora.name!r} ({lora.field}) skipped: {type(exc).__name__}: {exc}"
         self._text[name] = stamp

@@ -53,6 +53,7 @@ class IpAdapter:
         self._device = device
         self._dtype = dtype
         self._loaded_on: Any = None
+        self._encoder: Any = None
 
     def sync(self, pipe: Any, wanted: bool) -> None:
         """Load onto `pipe` when wanted, unload when not (no-op when already so)."""
@@ -84,10 +85,12 @@ class IpAdapter:
             )
         folder, subfolder, weight_name = split_weights_location(weights)
         try:
-            image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-                str(Path(encoder).expanduser()) if Path(encoder).expanduser().exists() else encoder,
-                dtype=self._dtype,
-            ).to(self._device)
+            if self._encoder is None:  # kept once loaded: a mixed queue reloads no encoder
+                location = Path(encoder).expanduser()
+                self._encoder = CLIPVisionModelWithProjection.from_pretrained(
+                    str(location) if location.exists() else encoder, dtype=self._dtype
+                ).to(self._device)
+            image_encoder = self._encoder
             # Sized to the encoder, as diffusers does when it loads the encoder itself.
             size = image_encoder.config.image_size
             extractor = CLIPImageProcessor(size=size, crop_size=size)

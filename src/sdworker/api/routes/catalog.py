@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from sdworker.api.deps import ServicesDep
+from sdworker.options import UPSCALE_FACTORS
+from sdworker.planning import UPSCALE_RESAMPLERS
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -17,7 +19,6 @@ def list_loras(services: ServicesDep) -> dict[str, Any]:
     (from their cross-attention width), and the named styles."""
     library = services.library
     return {
-        "folder": str(library.catalog.folder) if library.catalog.folder else None,
         "loras": [lora.describe() for lora in library.catalog.list()],
         "styles": [style.describe() for style in library.styles.values()],
     }
@@ -28,7 +29,7 @@ def list_upscalers(services: ServicesDep) -> dict[str, Any]:
     """Upscalers a job's `upscaler` may name."""
     features = services.features_of(None)
     return {
-        "upscalers": ["lanczos", "hires", *features.upscalers],
-        "factors": [2, 4],
+        "upscalers": [*UPSCALE_RESAMPLERS, *features.upscalers],
+        "factors": list(UPSCALE_FACTORS),
         "max_pixels": features.upscale_max_pixels,
     }

@@ -17,6 +17,7 @@ from sdworker.broker.base import WorkerInfo
 from sdworker.engine.schedulers import scheduler_names
 from sdworker.jobs import OutputFormat
 from sdworker.options import PRESETS, Preset
+from sdworker.planning import UPSCALE_RESAMPLERS
 
 router = APIRouter(tags=["system"])
 
@@ -46,7 +47,7 @@ def _features(services: Services) -> dict[str, Any]:
         "styles": sorted(services.library.styles),
         "lcm_lora": bool(settings.lcm_lora),
         "ip_adapter": features.ip_adapter,
-        "upscalers": ["lanczos", "hires", *features.upscalers],
+        "upscalers": [*UPSCALE_RESAMPLERS, *features.upscalers],
         "upscale_max_pixels": features.upscale_max_pixels,
         "prompt_weighting": True,
         "safety_checker": False,
