@@ -277,6 +277,14 @@ class Settings(BaseSettings):
         validation_alias=_env("UPSCALE_MAX_PIXELS"),
         description="Largest upscale output, in pixels (width x height).",
     )
+    upscale_tile_size: int = Field(
+        default=512,
+        ge=0,
+        le=8192,
+        validation_alias=_env("UPSCALE_TILE_SIZE"),
+        description="Upscaler models run images in tiles of this many input pixels per "
+        "side (bounded memory for any size); 0 runs whole images.",
+    )
     watermark: bool = Field(
         default=False,
         validation_alias=_env("WATERMARK"),

@@ -290,3 +290,40 @@ def test_api_lists_the_upscalers(api: TestClient) -> None:
         "factors": [2, 4],
         "max_pixels": SMALL_CAP,
     }
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tiled_model_upscaling_equals_the_whole_image(
+    upscale_settings: Settings, spandrel: Any, upscaler_dir: Path, picture: Any, name: str
+) -> None:
+    """Tiles of 16 px with 32 px of context (more than the tiny ESRGAN's receptive field)
+    stitch to the whole-image output; the tile path really runs (6 tiles here)."""
+    image, path = picture
+    tiled = Engine(upscale_settings.model_copy(update={"upscale_tile_size": 16}))
+    whole = Engine(upscale_settings.model_copy(update={"upscale_tile_size": 0}))
+    factor = 2 if name.endswith("x2") else 4
+    spec = JobSpec(image=path, upscaler=name, upscale_factor=factor)
+    calls: list[tuple[int, ...]] = []
+    model = tiled._upscalers.load(next(upscaler_dir.glob(f"{name}.*")))
+    original = model.model.forward
+    model.model.forward = lambda x: (calls.append(tuple(x.shape)), original(x))[1]
+    try:
+        ours = run(tiled, spec).images[0]
+    finally:
+        model.model.forward = original
+    assert len(calls) == 6  # 40x24 in tiles of 16: 3 x 2
+    reference = run(whole, spec).images[0]
+    assert ours.size == reference.size == (image.width * factor, image.height * factor)
+    assert max_pixel_difference(ours, reference) <= 1
+
+
+def test_resampling_and_model_upscales_load_no_diffusion_model(
+    upscale_settings: Settings, spandrel: Any, picture: Any
+) -> None:
+    engine = Engine(upscale_settings)
+    _, path = picture
+    run(engine, JobSpec(image=path, upscale_factor=2))
+    run(engine, JobSpec(image=path, upscaler="tiny-x2", upscale_factor=2))
+    assert engine._loaded is None  # the SDXL weights were never loaded for these
+    run(engine, JobSpec(image=path, upscaler="hires", upscale_factor=2, steps=3, prompt="x"))
+    assert engine._loaded is not None  # hires denoises with the model

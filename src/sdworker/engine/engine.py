@@ -126,7 +126,7 @@ class Engine:
         self._lock = threading.Lock()
         self._library = LoraLibrary.from_settings(settings, allow_paths=allow_local_paths)
         self._ip_adapter = IpAdapter(settings, self._device, self._dtype)
-        self._upscalers = UpscalerModels(self._device)
+        self._upscalers = UpscalerModels(self._device, tile=settings.upscale_tile_size)
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +258,7 @@ class Engine:
         for images in (1, 2):
             spec = JobSpec(prompt="warm-up", steps=2, seed=0, num_images=images)
             plan = plan_generation(spec, profile, max_num_images=images)
-            self._generate(loaded, [plan], [{}], None, None, 0.0)
+            self._generate(loaded.source, loaded, [plan], [{}], None, None, 0.0)
         return time.perf_counter() - started
 
     def _unload_locked(self) -> None:
@@ -301,24 +301,23 @@ class Engine:
         ]
         source = sources.pop()
         with self._lock:
-            already_loaded = self._loaded is not None and self._loaded.source == source
-            loaded = self._load_locked(source)
-            load_s = 0.0 if already_loaded else loaded.load_s
+            loaded, load_s = None, 0.0
+            if _needs_model(plans[0]):
+                already_loaded = self._loaded is not None and self._loaded.source == source
+                loaded = self._load_locked(source)
+                load_s = 0.0 if already_loaded else loaded.load_s
             try:
-                return self._generate(loaded, plans, inputs, on_step, is_cancelled, load_s)
+                return self._generate(source, loaded, plans, inputs, on_step, is_cancelled, load_s)
             except torch.OutOfMemoryError as exc:
                 gc.collect()
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
-                images = sum(plan.num_images for plan in plans)
-                raise OutOfMemoryError(
-                    f"out of device memory for {images} image(s) at "
-                    f"{plans[0].width}x{plans[0].height}; try fewer images or a smaller size"
-                ) from exc
+                raise OutOfMemoryError(_out_of_memory_message(plans, inputs)) from exc
 
     def _generate(
         self,
-        loaded: LoadedModel,
+        source: ModelSource,
+        loaded: LoadedModel | None,
         plans: list[GenerationPlan],
         inputs: list[dict[str, Image.Image]],
         on_step: StepCallback | None,
@@ -326,14 +325,15 @@ class Engine:
         load_s: float,
     ) -> list[EngineResult] | Cancelled:
         first = plans[0]
-        if len(plans) > 1 and not self._equal_prompt_lengths(loaded, plans):
-            return self._one_by_one(loaded, plans, inputs, on_step, is_cancelled, load_s)
+        if len(plans) > 1 and loaded is not None and not self._equal_prompt_lengths(loaded, plans):
+            return self._one_by_one(source, loaded, plans, inputs, on_step, is_cancelled, load_s)
         progress = Progress(on_step, is_cancelled)
         started = time.perf_counter()
         try:
             if first.task is Task.UPSCALE:
                 output = self._upscale(loaded, first, inputs[0], progress)
             else:
+                assert loaded is not None
                 output = self._denoise(loaded, plans, inputs, progress)
         except CancelRequested as cancel:
             return Cancelled(step=cancel.step, total_steps=cancel.total)
@@ -355,13 +355,17 @@ class Engine:
                     seeds=list(plan.seeds),
                     # the LoRAs that really applied (others were skipped with a warning)
                     plan=replace(plan, loras=output.loras),
-                    model=loaded.source.name,
-                    family=loaded.source.family,
+                    model=source.name,
+                    family=source.family,
                     device=str(self._device),
                     dtype=dtype_name(self._dtype),
                     latents=latents,
                     timings={"load_s": load_s, "inference_s": inference_s},
-                    warnings=[*loaded.warnings, *plan.warnings, *output.warnings],
+                    warnings=[
+                        *(loaded.warnings if loaded else []),
+                        *plan.warnings,
+                        *output.warnings,
+                    ],
                     batch_jobs=len(plans),
                 )
             )
@@ -383,6 +387,7 @@ class Engine:
 
     def _one_by_one(
         self,
+        source: ModelSource,
         loaded: LoadedModel,
         plans: list[GenerationPlan],
         inputs: list[dict[str, Image.Image]],
@@ -404,7 +409,7 @@ class Engine:
                 if on_step is not None:
                     on_step(done + step, done + total + later)
 
-            outcome = self._generate(loaded, [plan], [images], report, is_cancelled, load_s)
+            outcome = self._generate(source, loaded, [plan], [images], report, is_cancelled, load_s)
             if isinstance(outcome, Cancelled):
                 return Cancelled(done + outcome.step, done + outcome.total_steps + later)
             results.extend(outcome)
@@ -477,7 +482,7 @@ class Engine:
 
     def _upscale(
         self,
-        loaded: LoadedModel,
+        loaded: LoadedModel | None,
         plan: GenerationPlan,
         inputs: dict[str, Image.Image],
         progress: Progress,
@@ -493,8 +498,33 @@ class Engine:
             if big.size != (width, height):
                 big = big.resize((width, height), Image.Resampling.LANCZOS)
             img2img = replace(plan, task=Task.IMG2IMG, width=width, height=height, upscale=None)
+            assert loaded is not None
             return self._denoise(loaded, [img2img], [{"image": big}], progress)
         path = upscaler_path(self._settings.upscaler_path, name)
         if path is None:
             raise InvalidJobError(f"upscaler: {name!r} is no longer available", field="upscaler")
         return _Output([self._upscalers.upscale(path, image, factor)])
+
+
+def _needs_model(plan: GenerationPlan) -> bool:
+    """Resampling and upscaler models need no diffusion model loaded."""
+    return plan.upscale is None or plan.upscale.upscaler == "hires"
+
+
+def _out_of_memory_message(
+    plans: list[GenerationPlan], inputs: list[dict[str, Image.Image]]
+) -> str:
+    first = plans[0]
+    if first.upscale is not None and "image" in inputs[0]:
+        width, height = inputs[0]["image"].size
+        factor = first.upscale.factor
+        return (
+            f"out of device memory upscaling {width}x{height} x{factor} to "
+            f"{width * factor}x{height * factor}; try a smaller image or factor, or a smaller "
+            "SDWORKER_UPSCALE_TILE_SIZE"
+        )
+    images = sum(plan.num_images for plan in plans)
+    return (
+        f"out of device memory for {images} image(s) at {first.width}x{first.height}; "
+        "try fewer images or a smaller size"
+    )
