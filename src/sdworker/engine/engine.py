@@ -215,12 +215,15 @@ class Engine:
         self._loaded = loaded
         return loaded
 
-    def _lora_manager(self, base: Any, speed: SpeedOptions) -> Adapters:
+    def _loras_configured(self) -> bool:
         s = self._settings
-        loras_configured = bool(
+        return bool(
             (s.lora_path is not None and s.lora_path.is_dir()) or s.styles_file or s.lcm_lora
         )
-        auto = speed.compile != "off" and loras_configured
+
+    def _lora_manager(self, base: Any, speed: SpeedOptions) -> Adapters:
+        s = self._settings
+        auto = speed.compile != "off" and self._loras_configured()
         if s.lora_hotswap == "on" or (s.lora_hotswap == "auto" and auto):
             return HotswapLoras(
                 base,
@@ -231,9 +234,7 @@ class Engine:
         return LoraAdapters(base, cache_size=s.lora_cache_size)
 
     def _adapters_possible(self) -> bool:
-        s = self._settings
-        lora_folder = s.lora_path is not None and s.lora_path.is_dir()
-        return bool(lora_folder or s.styles_file or s.lcm_lora or s.ip_adapter)
+        return self._loras_configured() or bool(self._settings.ip_adapter)
 
     def _refiner_of(self, loaded: LoadedModel) -> Any:
         if loaded.refiner is None:
