@@ -21,17 +21,13 @@ from sdworker.loras import LoraCatalog, LoraLibrary
 from sdworker.settings import Settings
 from tests.conftest import max_pixel_difference
 from tests.support.adapter_builders import (
+    BENIGN_ADAPTER_WARNINGS,
     build_tiny_lora_for_sd15_like,
     build_tiny_lora_kohya,
     build_tiny_lora_peft,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:Already found a `peft_config` attribute in the model:UserWarning"
-    ),
-    pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted:UserWarning"),
-]
+pytestmark = [pytest.mark.filterwarnings(f) for f in BENIGN_ADAPTER_WARNINGS]
 
 JOB: dict[str, Any] = {
     "prompt": "a lighthouse",

@@ -24,20 +24,13 @@ from sdworker.settings import Settings
 from tests.conftest import max_pixel_difference
 from tests.engine.test_fidelity import _reference_images
 from tests.support.adapter_builders import (
+    BENIGN_ADAPTER_WARNINGS,
     build_tiny_lora_for_sd15_like,
     build_tiny_lora_kohya,
     build_tiny_lora_peft,
 )
 
-# PEFT warns on every adapter added to a model that already holds one, and diffusers
-# when it deletes an active adapter (its own cleanup after a failed load does): benign,
-# but pytest turns warnings into errors here, which would abort diffusers half-way.
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:Already found a `peft_config` attribute in the model:UserWarning"
-    ),
-    pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted:UserWarning"),
-]
+pytestmark = [pytest.mark.filterwarnings(f) for f in BENIGN_ADAPTER_WARNINGS]
 
 SIZE = 64
 STEPS = 2

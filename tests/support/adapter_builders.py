@@ -337,3 +337,13 @@ def lora_file_info(path: Path | str) -> dict:
             k: (json.loads(v) if k == "lora_adapter_metadata" else v) for k, v in meta.items()
         },
     }
+
+
+# PEFT warns on every adapter added to a model that already holds one, and diffusers
+# when it deletes an active adapter (its own cleanup after a failed load does): benign,
+# but pytest turns warnings into errors, which would abort diffusers half-way. Modules
+# that switch adapters use: pytestmark = [pytest.mark.filterwarnings(f) for f in ...].
+BENIGN_ADAPTER_WARNINGS = (
+    "ignore:Already found a `peft_config` attribute in the model:UserWarning",
+    "ignore:Adapter .* was active which is now deleted:UserWarning",
+)
