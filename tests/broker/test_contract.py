@@ -1109,3 +1109,13 @@ def test_workers_lists_the_registry_cheaply(broker: BrokerHandle) -> None:
     assert [(w.id, w.device) for w in workers] == [("a", "cuda:0"), ("b", "cuda:1")]
     assert all(w.last_seen is not None for w in workers)
     assert workers == broker.stats().workers
+
+
+def test_a_cursor_past_every_job_lists_from_the_newest(broker: BrokerHandle) -> None:
+    """Cursors are opaque to callers: one beyond any integer a backend stores (the API
+    accepts 32 digits) is no 5xx, it just starts at the newest job."""
+    for i in range(3):
+        enqueue(broker, make_spec(prompt=f"job {i}"))
+    newest, _ = broker.list()
+    jobs, _ = broker.list(cursor="9" * 32)
+    assert [job.id for job in jobs] == [job.id for job in newest]

@@ -106,6 +106,9 @@ _ADDED_COLUMNS = {
 EVENT_POLL_S = 0.05  # how often wait_for_events looks again
 
 
+_SQLITE_INT_MAX = 2**63 - 1
+
+
 class SqliteBroker:
     """Broker on a SQLite file; safe across threads (a connection per thread) and
     processes (WAL, busy timeout, BEGIN IMMEDIATE for every write)."""
@@ -447,7 +450,8 @@ class SqliteBroker:
             values.append(owner)
         if cursor:
             clauses.append("seq < ?")
-            values.append(int(cursor) if cursor.isdigit() else 0)
+            # SQLite integers are 64-bit: a larger cursor means "from the newest".
+            values.append(min(int(cursor), _SQLITE_INT_MAX) if cursor.isdigit() else 0)
         db = self._connection()
         rows = db.execute(
             f"SELECT * FROM jobs WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
