@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -30,6 +31,11 @@ class WorkerInfo(BaseModel):
     device: str = ""
     model: str = ""
     model_loaded: bool = False
+    models_loaded: list[str] = Field(
+        default_factory=list,
+        description="Models this worker holds loaded, least recently used first.",
+    )
+    memory_budget_bytes: int | None = None
     current_job: str | None = None
     batch_jobs: list[str] = Field(
         default_factory=list, description="Every job of the batch being run (cross-job batching)."
@@ -83,14 +89,31 @@ class Broker(Protocol):
         ...
 
     def claim(
-        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+        self,
+        worker_id: str,
+        *,
+        batch_key: str | None = None,
+        max_images: int | None = None,
+        prefer_models: Collection[str] = (),
+        affinity_wait_s: float = 0.0,
     ) -> Job | None:
         """Take the next queued job (highest priority, then oldest) for a worker: it
         becomes running, attempts grows by one, `started` is emitted.
 
         With batch_key (cross-job batching), take it only when that next job has this
         batch key (jobs.batch_key_of) and at most max_images images; otherwise None, and
-        the queue is left as it was: a batch never takes jobs out of order."""
+        the queue is left as it was: a batch never takes jobs out of order. prefer_models
+        does not apply to batch claims.
+
+        Model affinity: prefer_models are the model keys (records.model_key: spec.model,
+        "" for the default model) the worker has loaded. When the next job (the head)
+        is for another model and has waited in the queue less than affinity_wait_s
+        (since it was enqueued or last requeued), take instead the oldest queued job of
+        the head's priority whose model is preferred, if there is one; never a job of
+        lower priority. A head that has waited affinity_wait_s is taken by the next
+        claim, whatever its model: nothing starves. affinity_wait_s <= 0 turns the
+        preference off. Redis looks at the redis.AFFINITY_SCAN entries behind the head,
+        SQLite at the whole priority."""
         ...
 
     def heartbeat(self, info: WorkerInfo) -> None:

@@ -24,6 +24,13 @@ PRIORITY_BY_RANK = {priority.rank: priority for priority in Priority}
 WORKER_RETENTION_S = 24 * 3600  # workers not seen for a day leave /status
 
 
+def model_key(spec: JobSpec) -> str:
+    """The model a job runs on, as claim's prefer_models names it: "" is the deployment's
+    default model (a job that names it explicitly has another key; the broker does not
+    resolve names, the worker says which keys it has loaded)."""
+    return spec.model or ""
+
+
 def spec_digest(spec: JobSpec) -> str:
     """Equal specs give equal digests whatever the key order of their metadata."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -3,6 +3,11 @@
 - One stream per priority with a consumer group `workers`; a claim reads the streams
   with XREADGROUP highest priority first, and the entry stays pending until the job
   ends (XACK on complete, fail or cancel).
+- Model affinity: a claim that takes a job from behind the head of its stream (a model
+  the worker has loaded) moves its entry to the `PREFIX:stream:affinity` stream and reads
+  it from there, so it is pending like any other (see redis_scripts.CLAIM). The job hash
+  keeps its priority stream in `stream` (requeues go back there) and the stream its
+  entry lives in, when another, in `entry_stream`.
 - A worker's heartbeat re-claims its pending entry (XCLAIM ... JUSTID), which resets the
   entry's idle time; reclaim finds entries idle longer than the timeout with XAUTOCLAIM,
   i.e. jobs whose worker stopped heartbeating, and puts them back in their stream, or
@@ -18,6 +23,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +40,7 @@ from sdworker.broker.base import (
 from sdworker.broker.records import (
     WORKER_RETENTION_S,
     job_from_record,
+    model_key,
     spec_digest,
 )
 from sdworker.errors import JobConflictError, JobNotFoundError
@@ -54,6 +61,13 @@ from sdworker.jobs import (
 
 GROUP = "workers"
 PRIORITY_ORDER = (Priority.URGENT, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+# Where jobs taken out of order for model affinity are delivered from (not a priority).
+AFFINITY_STREAM = "affinity"
+# How many entries behind the head of a priority an affinity claim looks at: the claim
+# runs in one script, and a long queue must not make every claim walk all of it.
+AFFINITY_SCAN = 64
+# Every stream the consumer group reads: created at start, swept by reclaim.
+_STREAMS = (*(priority.value for priority in PRIORITY_ORDER), AFFINITY_STREAM)
 # The hash fields a job record has (absent ones read as None).
 _RECORD_FIELDS = (
     "id", "status", "spec", "priority", "owner", "attempts", "worker_id", "step",
@@ -83,11 +97,9 @@ class RedisBroker:
                 "MARK_CANCELED", "RECLAIM_ONE",
             )
         }  # fmt: skip
-        for priority in PRIORITY_ORDER:
+        for name in _STREAMS:
             try:
-                self._redis.xgroup_create(
-                    self._stream(priority.value), GROUP, id="0", mkstream=True
-                )
+                self._redis.xgroup_create(self._stream(name), GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:  # BUSYGROUP: made by another process
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -127,7 +139,7 @@ class RedisBroker:
         job_id, created = self._run(
             "ENQUEUE", str(ULID()), spec.model_dump_json(), spec_digest(spec),
             idempotency_key or "", spec.priority.rank, spec.priority.value, owner_of(spec),
-            time.time(), batch_key_of(spec) or "", spec.num_images,
+            time.time(), batch_key_of(spec) or "", spec.num_images, model_key(spec),
         )  # fmt: skip
         if int(created) == -1:
             raise JobConflictError(
@@ -138,13 +150,24 @@ class RedisBroker:
         return self.get(job_id), bool(int(created))
 
     def claim(
-        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+        self,
+        worker_id: str,
+        *,
+        batch_key: str | None = None,
+        max_images: int | None = None,
+        prefer_models: Collection[str] = (),
+        affinity_wait_s: float = 0.0,
     ) -> Job | None:
         if batch_key == "":
             return None  # the key of jobs that never join a batch
         streams = [priority.value for priority in PRIORITY_ORDER]
         limit = -1 if max_images is None else max_images
-        job_id = self._run("CLAIM", worker_id, time.time(), batch_key or "", limit, *streams)
+        preferred = sorted(set(prefer_models)) if batch_key is None else []
+        wait_ms = round(min(max(affinity_wait_s, 0.0), 1e9) * 1000)
+        job_id = self._run(
+            "CLAIM", worker_id, time.time(), batch_key or "", limit, json.dumps(preferred),
+            wait_ms, AFFINITY_SCAN, AFFINITY_STREAM, *streams,
+        )  # fmt: skip
         return self.get(job_id) if job_id else None
 
     def heartbeat(self, info: WorkerInfo) -> None:
@@ -156,9 +179,11 @@ class RedisBroker:
             # Only the jobs the worker says it holds: a claim whose reply never reached
             # the worker goes idle and is reclaimed instead of being kept alive.
             job = self._key("job", job_id)
-            owner, status, stream, entry = self._redis.hmget(
-                job, "worker_id", "status", "stream", "entry"
+            owner, status, stream, entry_stream, entry = self._redis.hmget(
+                job, "worker_id", "status", "stream", "entry_stream", "entry"
             )
+            # The entry lives in its priority stream unless an affinity claim moved it.
+            stream = entry_stream or stream
             if owner == info.id and status == "running" and stream and entry:
                 pipe.hset(job, "heartbeat_at", now)
                 # Re-claiming resets the entry's idle time: XAUTOCLAIM leaves it alone.
@@ -302,11 +327,11 @@ class RedisBroker:
         """Jobs of stream entries pending longer than the timeout (XAUTOCLAIM)."""
         jobs: builtins.list[str] = []
         idle_ms = max(int(stale_after_s * 1000), 1)
-        for priority in PRIORITY_ORDER:
+        for name in _STREAMS:
             start = "0-0"
             while True:
                 reply = self._redis.xautoclaim(
-                    self._stream(priority.value), GROUP, "reclaimer", idle_ms, start, count=100
+                    self._stream(name), GROUP, "reclaimer", idle_ms, start, count=100
                 )
                 start, entries = reply[0], reply[1]
                 jobs.extend(fields["job"] for _, fields in entries if fields)

@@ -15,6 +15,12 @@ end
 local function queued_score(rank, seq)
   return (3 - tonumber(rank)) * 1e13 + tonumber(seq)
 end
+local function entry_stream(job)
+  -- the stream the job's entry lives in: its priority stream ('stream'), or the one it
+  -- was moved to by an affinity claim ('entry_stream', absent on older records)
+  local name = redis.call('HGET', job, 'entry_stream') or redis.call('HGET', job, 'stream')
+  return p .. ':stream:' .. name
+end
 local function finish(id, job, status, now, ttl)
   redis.call('HSET', job, 'status', status, 'finished_at', now)
   redis.call('SREM', p .. ':running', id)
@@ -22,7 +28,7 @@ local function finish(id, job, status, now, ttl)
   redis.call('HINCRBY', p .. ':stats:finished', status, 1)
   local entry = redis.call('HGET', job, 'entry')
   if entry then
-    local stream = p .. ':stream:' .. redis.call('HGET', job, 'stream')
+    local stream = entry_stream(job)
     redis.call('XACK', stream, 'workers', entry)
     redis.call('XDEL', stream, entry)
   end
@@ -45,14 +51,17 @@ local function cancel_job(id, job, during, now, ttl)
 end
 local function requeue(id, job, reason, now)
   local entry = redis.call('HGET', job, 'entry')
-  local stream = redis.call('HGET', job, 'stream')
   if entry then
-    redis.call('XACK', p .. ':stream:' .. stream, 'workers', entry)
-    redis.call('XDEL', p .. ':stream:' .. stream, entry)
+    local current = entry_stream(job)
+    redis.call('XACK', current, 'workers', entry)
+    redis.call('XDEL', current, entry)
   end
   redis.call('HSET', job, 'status', 'queued', 'step', 0, 'total_steps', 0)
-  redis.call('HDEL', job, 'worker_id', 'heartbeat_at')
+  redis.call('HDEL', job, 'worker_id', 'heartbeat_at', 'entry_stream')
   redis.call('SREM', p .. ':running', id)
+  -- always back into its priority stream, whichever stream it was delivered through;
+  -- the new entry's id is its new queued time (the affinity wait starts again)
+  local stream = redis.call('HGET', job, 'stream')
   local new_entry = redis.call('XADD', p .. ':stream:' .. stream, '*', 'job', id)
   redis.call('HSET', job, 'entry', new_entry)
   -- back of its priority, like its new stream entry, so queue_position tells the truth
@@ -67,7 +76,7 @@ end
 """
 
 # ARGV: prefix, id, spec, spec_hash, idempotency key or '', rank, priority, owner, now,
-# batch key, number of images
+# batch key, number of images, model key
 ENQUEUE = (
     _COMMON
     + """
@@ -86,7 +95,7 @@ local job = p .. ':job:' .. id
 redis.call('HSET', job, 'id', id, 'status', 'queued', 'priority', ARGV[6], 'owner', ARGV[8],
   'spec', ARGV[3], 'spec_hash', ARGV[4], 'attempts', 0, 'step', 0, 'total_steps', 0,
   'cancel_requested', 0, 'created_at', ARGV[9], 'seq', seq, 'stream', ARGV[7],
-  'batch_key', ARGV[10], 'num_images', ARGV[11])
+  'batch_key', ARGV[10], 'num_images', ARGV[11], 'model', ARGV[12])
 if key ~= '' then
   redis.call('SET', p .. ':idem:' .. key, id)
   redis.call('HSET', job, 'idempotency_key', key)
@@ -101,12 +110,29 @@ return {id, 1}
 """
 )
 
-# ARGV: prefix, worker, now, batch key ('' = any job), max images (-1 = any),
-# stream names in priority order...
+# ARGV: prefix, worker, now, batch key ('' = any job), max images (-1 = any), preferred
+# model keys (a JSON list; [] = no preference), affinity wait (ms), affinity scan (entries
+# behind the head), affinity stream name, stream names in priority order...
+#
+# A job is queued as an undelivered entry of its priority stream. The head of a stream
+# is its next undelivered entry (XREADGROUP '>' hands it out, and it stays pending until
+# the job ends). A job taken from behind the head cannot be handed out by XREADGROUP
+# without the entries before it, so its entry is deleted and the job re-added to the
+# affinity stream and read from there at once: it is pending for this worker like any
+# claimed entry (heartbeats XCLAIM it, reclaim's XAUTOCLAIM finds it), and the job
+# hash says where ('entry_stream'); 'stream' keeps its priority, where requeue puts it.
+# The time a job has waited is read from its entry id (server milliseconds at XADD,
+# enqueue or requeue) against the server's clock: no client clocks are compared.
 CLAIM = (
     _COMMON
     + """
 local worker, now, batch_key, max_images = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local preferred, prefer = {}, false
+for _, model in ipairs(cjson.decode(ARGV[6])) do
+  preferred[model] = true
+  prefer = true
+end
+local wait_ms, scan, affinity = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local function take(stream)
   local reply = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1,
     'STREAMS', stream, '>')
@@ -123,9 +149,14 @@ local function drop(stream, entry)
   redis.call('XACK', stream, 'workers', entry[1])
   redis.call('XDEL', stream, entry[1])
 end
-local function start(entry)
+local function start(entry, moved_to)
   local id = entry[2][2]
   local job = p .. ':job:' .. id
+  if moved_to then
+    redis.call('HSET', job, 'entry', entry[1], 'entry_stream', moved_to)
+  else
+    redis.call('HDEL', job, 'entry_stream')  -- delivered from its priority stream
+  end
   local attempts = redis.call('HINCRBY', job, 'attempts', 1)
   redis.call('HSET', job, 'status', 'running', 'worker_id', worker, 'started_at', now,
     'heartbeat_at', now, 'step', 0, 'total_steps', 0)
@@ -145,28 +176,84 @@ local function next_undelivered(stream)
   local entries = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
   return entries[1]
 end
-for i = 6, #ARGV do
-  local stream = p .. ':stream:' .. ARGV[i]
-  while true do
-    if batch_key == '' then
-      local entry = take(stream)
-      if not entry then break end
-      if live(entry) then return start(entry) end
-      drop(stream, entry)
-    else
-      -- a batch takes only the head of the queue, and only a job that fits it
-      local entry = next_undelivered(stream)
-      if not entry then break end
-      if live(entry) then
-        local job = p .. ':job:' .. entry[2][2]
-        if redis.call('HGET', job, 'batch_key') ~= batch_key then return false end
-        if max_images >= 0 and tonumber(redis.call('HGET', job, 'num_images') or '1')
-            > max_images then return false end
-        return start(take(stream))
-      end
-      drop(stream, take(stream))
-    end
+local function model_of(entry)
+  -- records from before model affinity have no model: the default model's key
+  return redis.call('HGET', p .. ':job:' .. entry[2][2], 'model') or ''
+end
+local function waited_ms(entry)
+  local clock = redis.call('TIME')
+  local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  return now_ms - tonumber(string.match(entry[1], '^%d+'))
+end
+local function preferred_behind(stream, head)
+  -- the oldest live entry for a preferred model among the `scan` entries behind the head
+  for _, entry in ipairs(redis.call('XRANGE', stream, '(' .. head[1], '+', 'COUNT', scan)) do
+    if live(entry) and preferred[model_of(entry)] then return entry end
   end
+  return nil
+end
+local function start_moved(stream, entry)
+  local id = entry[2][2]
+  redis.call('XDEL', stream, entry[1])  -- undelivered: nothing to acknowledge
+  local target = p .. ':stream:' .. affinity
+  local moved = redis.call('XADD', target, '*', 'job', id)
+  while true do
+    local got = take(target)
+    if not got then return redis.error_reply('affinity entry ' .. moved .. ' not read') end
+    if got[1] == moved then break end
+    drop(target, got)  -- left by a script that failed halfway: no job points at it
+  end
+  return start({moved, {'job', id}}, affinity)
+end
+local function claim_batch(stream)
+  -- a batch takes only the head of the queue, and only a job that fits it
+  while true do
+    local entry = next_undelivered(stream)
+    if not entry then return nil end
+    if live(entry) then
+      local job = p .. ':job:' .. entry[2][2]
+      if redis.call('HGET', job, 'batch_key') ~= batch_key then return false end
+      if max_images >= 0 and tonumber(redis.call('HGET', job, 'num_images') or '1')
+          > max_images then return false end
+      return start(take(stream))
+    end
+    drop(stream, take(stream))
+  end
+end
+local function claim_head(stream)
+  while true do
+    local entry = take(stream)
+    if not entry then return nil end
+    if live(entry) then return start(entry) end
+    drop(stream, entry)
+  end
+end
+local function claim_preferring(stream)
+  while true do
+    local head = next_undelivered(stream)
+    if not head then return nil end
+    if live(head) then
+      if not preferred[model_of(head)] and waited_ms(head) < wait_ms then
+        local other = preferred_behind(stream, head)
+        if other then return start_moved(stream, other) end
+      end
+      return start(take(stream))
+    end
+    drop(stream, take(stream))
+  end
+end
+-- nil: this stream has no live job, look at the next priority; false: take nothing
+for i = 10, #ARGV do
+  local stream = p .. ':stream:' .. ARGV[i]
+  local taken
+  if batch_key ~= '' then
+    taken = claim_batch(stream)
+  elseif prefer and wait_ms > 0 then
+    taken = claim_preferring(stream)
+  else
+    taken = claim_head(stream)
+  end
+  if taken ~= nil then return taken end
 end
 return false
 """

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from sdworker.broker.records import (
     PRIORITY_BY_RANK,
     WORKER_RETENTION_S,
     job_from_record,
+    model_key,
     spec_digest,
     timestamp,
 )
@@ -73,7 +74,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code TEXT,
     error_message TEXT,
     batch_key TEXT NOT NULL DEFAULT '',
-    num_images INTEGER NOT NULL DEFAULT 1
+    num_images INTEGER NOT NULL DEFAULT 1,
+    model TEXT NOT NULL DEFAULT '',
+    queued_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
@@ -101,7 +104,15 @@ CREATE TABLE IF NOT EXISTS workers (
 _ADDED_COLUMNS = {
     "batch_key": "TEXT NOT NULL DEFAULT ''",
     "num_images": "INTEGER NOT NULL DEFAULT 1",
+    "model": "TEXT NOT NULL DEFAULT ''",
+    # When the job last entered the queue (enqueue or requeue): claim's affinity wait.
+    "queued_at": "REAL NOT NULL DEFAULT 0",
 }
+
+# Indexes on added columns: made after the migration, which an old database needs first.
+_MIGRATED_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_affinity ON jobs (status, priority, model, seq);
+"""
 
 EVENT_POLL_S = 0.05  # how often wait_for_events looks again
 
@@ -124,6 +135,7 @@ class SqliteBroker:
         self._connections_lock = threading.Lock()
         self._connection().executescript(_SCHEMA)
         self._migrate()
+        self._connection().executescript(_MIGRATED_INDEXES)
 
     def _migrate(self) -> None:
         """Columns added after the first release, for databases made before them."""
@@ -139,17 +151,22 @@ class SqliteBroker:
                 if column not in columns:
                     definition = _ADDED_COLUMNS[column]
                     write.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
-            # Jobs queued before the upgrade get their batch key, so they can join batches.
-            queued = write.execute("SELECT seq, spec FROM jobs WHERE status = 'queued'")
-            for row in queued.fetchall():
+            # Jobs that can still be claimed (queued, or running and maybe requeued) get
+            # their batch key and model, so they can join batches and affinity claims.
+            claimable = write.execute(
+                "SELECT seq, spec FROM jobs WHERE status IN ('queued', 'running')"
+            )
+            for row in claimable.fetchall():
                 try:
                     spec = JobSpec.model_validate_json(row["spec"])
                 except ValueError:  # a spec this version refuses: it runs alone, or fails
                     continue
                 write.execute(
-                    "UPDATE jobs SET batch_key = ?, num_images = ? WHERE seq = ?",
-                    (batch_key_of(spec) or "", spec.num_images, row["seq"]),
+                    "UPDATE jobs SET batch_key = ?, num_images = ?, model = ? WHERE seq = ?",
+                    (batch_key_of(spec) or "", spec.num_images, model_key(spec), row["seq"]),
                 )
+            # Queued since they were made, as far as anyone knows.
+            write.execute("UPDATE jobs SET queued_at = created_at WHERE queued_at = 0")
 
     # -- connections and transactions -------------------------------------------------
 
@@ -238,6 +255,7 @@ class SqliteBroker:
     def enqueue(self, spec: JobSpec, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
         spec_json = spec.model_dump_json()
         spec_hash = spec_digest(spec)
+        now = time.time()
         with self._write() as db:
             if idempotency_key is not None:
                 earlier = db.execute(
@@ -254,8 +272,8 @@ class SqliteBroker:
             job_id = str(ULID())
             db.execute(
                 "INSERT INTO jobs (id, status, priority, owner, spec, spec_hash, "
-                "idempotency_key, created_at, batch_key, num_images) "
-                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, created_at, batch_key, num_images, model, queued_at) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     spec.priority.rank,
@@ -263,9 +281,11 @@ class SqliteBroker:
                     spec_json,
                     spec_hash,
                     idempotency_key,
-                    time.time(),
+                    now,
                     batch_key_of(spec) or "",
                     spec.num_images,
+                    model_key(spec),
+                    now,
                 ),
             )
             self._emit(db, job_id, EventType.QUEUED, {"priority": spec.priority.value})
@@ -274,7 +294,13 @@ class SqliteBroker:
         return self._job(self._connection(), row, position=True), True
 
     def claim(
-        self, worker_id: str, *, batch_key: str | None = None, max_images: int | None = None
+        self,
+        worker_id: str,
+        *,
+        batch_key: str | None = None,
+        max_images: int | None = None,
+        prefer_models: Collection[str] = (),
+        affinity_wait_s: float = 0.0,
     ) -> Job | None:
         now = time.time()
         # A read first: idle workers polling an empty queue never take the write lock.
@@ -287,22 +313,26 @@ class SqliteBroker:
             return None
         with self._write() as db:
             head = db.execute(
-                "SELECT seq, batch_key, num_images FROM jobs WHERE status = 'queued' "
-                "ORDER BY priority DESC, seq LIMIT 1"
+                "SELECT seq, priority, batch_key, num_images, model, queued_at FROM jobs "
+                "WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT 1"
             ).fetchone()
             if head is None:
                 return None
-            if batch_key is not None and (
-                head["batch_key"] in ("", None)
-                or head["batch_key"] != batch_key
-                or (max_images is not None and head["num_images"] > max_images)
-            ):
-                return None  # only the head of the queue joins a batch: order is kept
+            if batch_key is not None:
+                if (
+                    head["batch_key"] in ("", None)
+                    or head["batch_key"] != batch_key
+                    or (max_images is not None and head["num_images"] > max_images)
+                ):
+                    return None  # only the head of the queue joins a batch: order is kept
+                seq = head["seq"]
+            else:
+                seq = self._pick(db, head, prefer_models, affinity_wait_s, now)
             row = db.execute(
                 "UPDATE jobs SET status = 'running', worker_id = ?, attempts = attempts + 1, "
                 "started_at = ?, heartbeat_at = ?, step = 0, total_steps = 0 "
                 "WHERE seq = ? RETURNING *",
-                (worker_id, now, now, head["seq"]),
+                (worker_id, now, now, seq),
             ).fetchone()
             self._emit(
                 db,
@@ -311,6 +341,31 @@ class SqliteBroker:
                 {"worker_id": worker_id, "attempt": row["attempts"]},
             )
             return self._job(db, row)
+
+    @staticmethod
+    def _pick(
+        db: sqlite3.Connection,
+        head: sqlite3.Row,
+        prefer_models: Collection[str],
+        wait_s: float,
+        now: float,
+    ) -> int:
+        """The seq of the job to take: the head, or the oldest job of its priority for a
+        model the worker has loaded while the head has waited less than wait_s."""
+        if (
+            not prefer_models
+            or wait_s <= 0
+            or head["model"] in prefer_models
+            or now - head["queued_at"] >= wait_s
+        ):
+            return int(head["seq"])
+        models = sorted(set(prefer_models))
+        other = db.execute(
+            "SELECT seq FROM jobs WHERE status = 'queued' AND priority = ? "
+            f"AND model IN ({', '.join('?' * len(models))}) ORDER BY seq LIMIT 1",
+            (head["priority"], *models),
+        ).fetchone()
+        return int(head["seq"] if other is None else other["seq"])
 
     def heartbeat(self, info: WorkerInfo) -> None:
         now = time.time()
@@ -381,10 +436,11 @@ class SqliteBroker:
             return True
 
     def _requeue(self, db: sqlite3.Connection, job_id: str, *, reason: str) -> None:
+        # Back at its first place, but its affinity wait starts again (as on Redis).
         db.execute(
             "UPDATE jobs SET status = 'queued', worker_id = NULL, heartbeat_at = NULL, "
-            "step = 0, total_steps = 0 WHERE id = ?",
-            (job_id,),
+            "step = 0, total_steps = 0, queued_at = ? WHERE id = ?",
+            (time.time(), job_id),
         )
         self._emit(db, job_id, EventType.QUEUED, {"reason": reason})
 
