@@ -16,6 +16,7 @@ CONTENT_TYPES = {
     "jpeg": "image/jpeg",
     "jpg": "image/jpeg",
     "webp": "image/webp",
+    "mp4": "video/mp4",
     "bin": "application/octet-stream",
 }
 
@@ -47,6 +48,11 @@ def validate_key(key: str) -> str:
 def image_key(owner: str, job_id: str, index: int, extension: str) -> str:
     """`{owner}/{job_id}/{i}.{ext}`: deterministic, so a re-run overwrites."""
     return validate_key(f"{owner}/{job_id}/{index}.{extension}")
+
+
+def video_key(owner: str, job_id: str, index: int) -> str:
+    """`{owner}/{job_id}/{i}.mp4`; its poster is the image's `thumbnail_key`."""
+    return image_key(owner, job_id, index, "mp4")
 
 
 def thumbnail_key(owner: str, job_id: str, index: int) -> str:

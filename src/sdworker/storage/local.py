@@ -41,6 +41,13 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError):
             raise AssetNotFoundError(f"no asset {key!r}", field="key") from None
 
+    def file_path(self, key: str) -> Path:
+        """The file of a stored key (for range-capable serving); AssetNotFoundError if none."""
+        path = self._path(key)
+        if not path.is_file():
+            raise AssetNotFoundError(f"no asset {key!r}", field="key")
+        return path
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
