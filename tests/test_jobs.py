@@ -311,7 +311,8 @@ def test_plan_infers_task(kwargs: dict[str, str], task: Task, mode: GenerationMo
 def test_task_accepts_string_value() -> None:
     assert JobSpec(task="img2img").task is Task.IMG2IMG
     assert JobSpec(task="upscale").task is Task.UPSCALE
-    assert spec_error(task="text2video").startswith("task: ")
+    assert JobSpec(task="text2video").task is Task.TEXT2VIDEO
+    assert spec_error(task="video2video").startswith("task: ")
 
 
 @pytest.mark.parametrize(

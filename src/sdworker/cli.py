@@ -283,16 +283,69 @@ def schedulers() -> None:
 
 
 @app.command()
-def models() -> None:
-    """Show the configured model and the models found under the model root."""
+def models(
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Also show which models the workers of a running server hold loaded "
+            "(its base URL, e.g. http://127.0.0.1:7860).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SDWORKER_API_KEY", help="API key for --server.")
+    ] = None,
+) -> None:
+    """Show the model registry, the default and video models, and every model found
+    (built-in tiny models, the model root, the Hugging Face cache)."""
     from sdworker.engine.catalog import list_models
+    from sdworker.model_registry import load_model_registry
 
     settings = _settings()
     stdout.print(f"default model: [bold]{settings.model}[/]", highlight=False)
+    video = settings.video_model if settings.register_video_model else "(off: DOWNLOAD_WAN2_MODEL)"
+    stdout.print(f"video model:   {video}", highlight=False)
     stdout.print(f"model root:    {settings.model_root or '(not set: SDWORKER_MODEL_ROOT)'}")
-    table = Table("name", "kind", "family", "location")
+    stdout.print(f"memory budget: {settings.model_memory_budget}", highlight=False)
+    registry = load_model_registry(settings)
+    if registry:
+        table = Table("name", "family", "source", "defaults", title="model registry")
+        for name, entry in registry.items():
+            defaults = entry.model_dump(
+                exclude={"source", "family", "description"}, exclude_none=True
+            )
+            table.add_row(
+                name,
+                entry.family or "(detected)",
+                entry.source,
+                ", ".join(f"{k}={v}" for k, v in defaults.items()),
+            )
+        stdout.print(table)
+    table = Table("name", "kind", "family", "location", title="available")
     for row in list_models(settings):
         table.add_row(row.name, row.kind, row.family, row.location)
+    stdout.print(table)
+    if server:
+        _print_loaded(server, api_key)
+
+
+def _print_loaded(server: str, api_key: str | None) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        reply = httpx.get(f"{server.rstrip('/')}/status", headers=headers, timeout=10)
+        reply.raise_for_status()
+    except httpx.HTTPError as exc:
+        console.print(f"error: could not read {server}/status: {exc}")
+        raise typer.Exit(1) from None
+    table = Table("name", "family", "tasks", "loaded on", title=f"served by {server}")
+    for entry in reply.json().get("models", []):
+        table.add_row(
+            entry["name"],
+            entry.get("family") or entry.get("problem", ""),
+            ", ".join(entry.get("tasks", [])),
+            ", ".join(entry.get("loaded_on", [])) or "-",
+        )
     stdout.print(table)
 
 

@@ -33,6 +33,12 @@ from sdworker.options import (
 )
 
 SEED_MAX = 2**32 - 1
+# The video endpoint this replaces (Wan2.1 text-to-video): its sizes and ranges.
+VIDEO_HEIGHTS = (480, 720)
+VIDEO_WIDTHS = (832, 1280)
+MIN_FRAMES, MAX_FRAMES, DEFAULT_FRAMES = 16, 81, 81
+MIN_FPS, MAX_FPS, DEFAULT_FPS = 6, 30, 15
+VIDEO_FIELDS = ("num_frames", "fps", "video_height", "video_width", "video_guidance_scale")
 MAX_STEPS = 150
 MAX_PROMPT_CHARS = 10_000
 ANONYMOUS_OWNER = "anonymous"
@@ -75,7 +81,8 @@ class JobSpec(BaseModel):
 
     task: Task | None = Field(
         default=None,
-        description="text2img, img2img, inpaint or upscale; inferred from image/mask when omitted.",
+        description="text2img, img2img, inpaint, upscale or text2video; inferred from "
+        "image/mask (and video fields) when omitted.",
     )
     model: str | None = Field(
         default=None, max_length=255, description="Model name; the default when omitted."
@@ -160,6 +167,29 @@ class JobSpec(BaseModel):
         description="Upscale task: lanczos (default), hires (resample, then img2img at "
         "strength, default 0.35) or a model name from GET /v1/upscalers.",
     )
+    num_frames: int | None = Field(
+        default=None,
+        ge=MIN_FRAMES,
+        le=MAX_FRAMES,
+        description=f"text2video: frames of the video (default {DEFAULT_FRAMES}).",
+    )
+    fps: int | None = Field(
+        default=None,
+        ge=MIN_FPS,
+        le=MAX_FPS,
+        description=f"text2video: frames per second of the MP4 (default {DEFAULT_FPS}).",
+    )
+    video_height: int | None = Field(
+        default=None,
+        description=f"text2video: {' or '.join(map(str, VIDEO_HEIGHTS))} (sets height).",
+    )
+    video_width: int | None = Field(
+        default=None,
+        description=f"text2video: {' or '.join(map(str, VIDEO_WIDTHS))} (sets width).",
+    )
+    video_guidance_scale: float | None = Field(
+        default=None, ge=0, le=30, description="text2video: guidance scale (default 5.0)."
+    )
     priority: Priority = Priority.NORMAL
     output_format: OutputFormat = OutputFormat.PNG
     return_base64: bool = Field(default=False, description="Also put image bytes in the result.")
@@ -193,7 +223,30 @@ class JobSpec(BaseModel):
                 if given is not None and given != parsed:
                     raise ValueError(f"size {self.size!r} disagrees with {name}={given}")
             self.width, self.height = width, height
+        self._apply_video_size()
         return self
+
+    def _apply_video_size(self) -> None:
+        for name, video_name, allowed in (
+            ("height", "video_height", VIDEO_HEIGHTS),
+            ("width", "video_width", VIDEO_WIDTHS),
+        ):
+            value = getattr(self, video_name)
+            if value is None:
+                continue
+            if value not in allowed:
+                raise ValueError(
+                    f"{video_name} must be {' or '.join(map(str, allowed))}, not {value}"
+                )
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ValueError(f"{video_name}={value} disagrees with {name}={given}")
+            setattr(self, name, value)
+
+    @property
+    def has_video_fields(self) -> bool:
+        """Any field that only a text-to-video job takes."""
+        return any(getattr(self, name) is not None for name in VIDEO_FIELDS)
 
     @field_validator("upscale_factor")
     @classmethod
@@ -265,7 +318,7 @@ class EventType(StrEnum):
 class Asset(BaseModel):
     """One stored output image and its thumbnail."""
 
-    type: Literal["image"] = "image"
+    type: Literal["image", "video"] = "image"
     key: str
     url: str
     thumbnail_key: str
@@ -273,6 +326,16 @@ class Asset(BaseModel):
     content_type: str
     base64: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class VideoInfo(BaseModel):
+    """What a text-to-video job's MP4 holds."""
+
+    frames: int
+    width: int
+    height: int
+    fps: int
+    duration_seconds: float
 
 
 class JobTimings(BaseModel):
@@ -301,6 +364,9 @@ class JobResult(BaseModel):
     vram_used_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
     latents: LatentsOutput | None = None
+    video_info: VideoInfo | None = Field(
+        default=None, description="text2video: frames, size, fps and duration of the MP4."
+    )
     batch_jobs: int = Field(
         default=1, description="How many jobs shared the batched call that made this one's images."
     )
@@ -341,6 +407,8 @@ def batch_key_of(spec: JobSpec) -> str | None:
         return None  # one reference image per call
     if spec.task is Task.UPSCALE or spec.upscale_factor or spec.upscaler:
         return None
+    if spec.task is Task.TEXT2VIDEO or spec.has_video_fields:
+        return None  # one video per call
     shared = spec.model_dump(mode="json", exclude=set(BATCH_VARYING_FIELDS))
     shared["has_negative_prompt"] = bool(spec.negative_prompt)
     shared["has_image"], shared["has_mask"] = spec.image is not None, spec.mask is not None

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from sdworker.errors import InvalidJobError
-from sdworker.families import FamilyProfile, Task
-from sdworker.jobs import SEED_MAX, JobSpec, ResizeMode
+from sdworker.families import (
+    FamilyProfile,
+    Option,
+    Task,
+    families_for,
+    families_with,
+)
+from sdworker.jobs import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    SEED_MAX,
+    VIDEO_FIELDS,
+    JobSpec,
+    ResizeMode,
+)
 from sdworker.loras import LoraCatalog, LoraLibrary, ResolvedLora
+from sdworker.model_registry import ModelConfig
 from sdworker.options import (
     DEFAULT_HIGH_NOISE_FRAC,
     DEFAULT_HIRES_STRENGTH,
@@ -39,6 +53,7 @@ class GenerationMode(StrEnum):
     EXACT_COPY = "exact_copy"
     INPAINT = "inpaint"
     UPSCALE = "upscale"
+    TEXT2VIDEO = "text2video"
 
 
 UPSCALE_RESAMPLERS = ("lanczos", "hires")
@@ -56,6 +71,10 @@ class Features:
     variant: str = "standard"  # standard, turbo or lcm
     upscalers: tuple[str, ...] = ()
     upscale_max_pixels: int = 4096 * 4096
+    # The model's own defaults from the model registry (SDWORKER_MODELS): they beat the
+    # family's and a few-step variant's, a preset the job names beats them.
+    model_defaults: PresetDefaults = field(default_factory=lambda: PresetDefaults(""))
+    default_size: tuple[int, int] | None = None
 
 
 def detect_variant(setting: str, model: str) -> str:
@@ -66,15 +85,40 @@ def detect_variant(setting: str, model: str) -> str:
     return "turbo" if "turbo" in lowered else "lcm" if "lcm" in lowered else "standard"
 
 
-def features_from_settings(settings: Settings, model: str, library: LoraLibrary) -> Features:
-    """The Features a model of this deployment offers."""
+def features_from_settings(
+    settings: Settings,
+    model: str,
+    library: LoraLibrary,
+    *,
+    family: str = "sdxl",
+    config: ModelConfig | None = None,
+) -> Features:
+    """The Features a model of this deployment offers (`config`: its model registry
+    entry, whose defaults and variant win over the deployment-wide settings)."""
+    sdxl = family == "sdxl"  # the refiner and IP-Adapter settings are SDXL models
+    variant = detect_variant(settings.model_variant, config.source if config else model)
+    if config is not None:
+        variant = config.variant or detect_variant("auto", f"{model} {config.source}")
+    defaults = PresetDefaults("")
+    size = None
+    if config is not None:
+        defaults = PresetDefaults(
+            "model registry",
+            steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            scheduler=config.scheduler,
+        )
+        if config.width or config.height:
+            size = (config.width or 0, config.height or 0)
     return Features(
         library=library,
-        refiner=bool(settings.refiner),
-        ip_adapter=bool(settings.ip_adapter and settings.ip_adapter_image_encoder),
-        variant=detect_variant(settings.model_variant, model),
+        refiner=sdxl and bool(settings.refiner),
+        ip_adapter=sdxl and bool(settings.ip_adapter and settings.ip_adapter_image_encoder),
+        variant=variant,
         upscalers=upscaler_names(settings.upscaler_path),
         upscale_max_pixels=settings.upscale_max_pixels,
+        model_defaults=defaults,
+        default_size=size,
     )
 
 
@@ -100,6 +144,21 @@ class UpscalePlan:
     factor: int
     upscaler: str  # lanczos, hires or an upscaler model name
     max_side: int  # hires denoises at the output size: the family's largest side
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A text-to-video job: the frames asked for, and the frames the model makes (Wan's
+    VAE packs 4 frames per latent: 4k + 1 frames, the extra ones are dropped)."""
+
+    num_frames: int
+    fps: int
+    generated_frames: int
+
+
+def generated_frame_count(frames: int, temporal_factor: int = 4) -> int:
+    """The smallest k * factor + 1 >= frames: what a Wan model can make."""
+    return -(-(frames - 1) // temporal_factor) * temporal_factor + 1
 
 
 @dataclass(frozen=True)
@@ -130,6 +189,7 @@ class GenerationPlan:
     reference: ReferencePlan | None = None
     upscale: UpscalePlan | None = None
     preset: Preset | None = None
+    video: VideoPlan | None = None
 
 
 def _invalid(field_name: str, message: str) -> InvalidJobError:
@@ -140,7 +200,9 @@ def _uses_ip_adapter(spec: JobSpec) -> bool:
     return spec.reference_type in (ReferenceType.STYLE, ReferenceType.CHARACTER)
 
 
-def _infer_task(spec: JobSpec) -> Task:
+def _infer_task(spec: JobSpec, family: FamilyProfile) -> Task:
+    if spec.has_video_fields or family.tasks == {Task.TEXT2VIDEO}:
+        return Task.TEXT2VIDEO
     if spec.upscale_factor is not None or spec.upscaler is not None:
         return Task.UPSCALE
     if spec.mask:
@@ -150,12 +212,16 @@ def _infer_task(spec: JobSpec) -> Task:
 
 
 def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
-    task = spec.task or _infer_task(spec)
+    task = spec.task or _infer_task(spec, family)
     if task not in family.tasks:
         allowed = ", ".join(sorted(t.value for t in family.tasks))
         raise _invalid(
-            "task", f"{task.value} is not supported by {family.name}; allowed: {allowed}"
+            "task",
+            f"{task.value} is not supported by {family.name} models (this model does "
+            f"{allowed}); families that can: {', '.join(families_for(task))} — name such a "
+            "model in `model` (GET /status lists them)",
         )
+    _check_video_fields(spec, task)
     if task in (Task.IMG2IMG, Task.INPAINT, Task.UPSCALE) and not spec.image:
         raise _invalid("image", f"{task.value} needs an input image")
     if task is Task.INPAINT and not spec.mask:
@@ -181,17 +247,80 @@ def _resolve_task(spec: JobSpec, family: FamilyProfile) -> Task:
     return task
 
 
-def _resolve_size(spec: JobSpec, family: FamilyProfile) -> tuple[int, int]:
-    width = spec.width if spec.width is not None else family.default_size[0]
-    height = spec.height if spec.height is not None else family.default_size[1]
+def _resolve_scheduler(spec: JobSpec, family: FamilyProfile, defaults: PresetDefaults) -> str:
+    preferred = defaults.scheduler
+    if preferred and not family.allows_scheduler(preferred):
+        preferred = None  # a preset's sampler for UNet models; flow models keep their own
+    scheduler = spec.scheduler or preferred or family.default_scheduler
+    if not family.allows_scheduler(scheduler):
+        allowed = ", ".join(family.schedulers or ("any but flow_match_euler",))
+        raise _invalid(
+            "scheduler", f"{scheduler} does not fit {family.name} models; allowed: {allowed}"
+        )
+    return scheduler
+
+
+def _check_video_fields(spec: JobSpec, task: Task) -> None:
+    if task is not Task.TEXT2VIDEO and spec.has_video_fields:
+        given = next(name for name in VIDEO_FIELDS if getattr(spec, name) is not None)
+        raise _invalid(given, f"applies to task text2video, not {task.value}")
+    if task is Task.TEXT2VIDEO and (spec.image or spec.mask):
+        raise _invalid("image" if spec.image else "mask", "text2video takes no image or mask")
+
+
+def _resolve_size(spec: JobSpec, family: FamilyProfile, features: Features) -> tuple[int, int]:
+    own = features.default_size or (0, 0)
+    width = spec.width if spec.width is not None else own[0] or family.default_size[0]
+    height = spec.height if spec.height is not None else own[1] or family.default_size[1]
+    multiple = family.size_multiple
     for name, value in (("width", width), ("height", height)):
-        if value % 8 or not family.min_side <= value <= family.max_side:
+        if value % multiple or not family.min_side <= value <= family.max_side:
             raise _invalid(
                 name,
-                f"{value} is not allowed for {family.name}: use a multiple of 8 from "
+                f"{value} is not allowed for {family.name}: use a multiple of {multiple} from "
                 f"{family.min_side} to {family.max_side}",
             )
     return width, height
+
+
+def _check_options(spec: JobSpec, family: FamilyProfile) -> None:
+    """A 422 for a generation feature the model's architecture does not have."""
+    asked = {
+        Option.LORAS: ("loras", bool(spec.loras)) if spec.loras else ("style", bool(spec.style)),
+        Option.PROMPT_WEIGHTING: (
+            "compel_weights" if spec.compel_weights else "prompt_weighting",
+            spec.weighting_enabled,
+        ),
+        Option.REFINER: (
+            "refiner" if spec.refiner else "high_quality",
+            spec.high_quality or spec.refiner not in (None, RefinerMode.OFF),
+        ),
+        Option.REFERENCE: ("reference_type", _uses_ip_adapter(spec)),
+        Option.LCM: ("preset", spec.preset is Preset.LCM),
+    }
+    for option, (name, used) in asked.items():
+        if used and option not in family.options:
+            raise _invalid(
+                name,
+                f"{family.name} models do not support {option.value}; families that do: "
+                f"{', '.join(families_with(option))}",
+            )
+
+
+def _resolve_video(
+    spec: JobSpec, task: Task, guidance: float, warnings: list[str]
+) -> tuple[VideoPlan | None, float]:
+    if task is not Task.TEXT2VIDEO:
+        return None, guidance
+    if spec.video_guidance_scale is not None:
+        if spec.guidance_scale is not None and spec.guidance_scale != spec.video_guidance_scale:
+            warnings.append(
+                "both guidance_scale and video_guidance_scale given; the video one was used"
+            )
+        guidance = spec.video_guidance_scale
+    frames = spec.num_frames or DEFAULT_FRAMES
+    plan = VideoPlan(frames, spec.fps or DEFAULT_FPS, generated_frame_count(frames))
+    return plan, guidance
 
 
 def _exact_copy_steps(strength: float) -> tuple[int, int]:
@@ -206,10 +335,29 @@ def _exact_copy_steps(strength: float) -> tuple[int, int]:
 
 
 def _preset_of(spec: JobSpec, features: Features) -> tuple[Preset | None, PresetDefaults]:
-    preset = spec.preset
-    if preset is None and features.variant in ("turbo", "lcm"):
-        preset = Preset(features.variant)  # a few-step model's own defaults
-    return preset, PRESETS[preset] if preset else PresetDefaults("")
+    """The preset that applies and the defaults in force: a preset the job names, then
+    the model registry's defaults, then a few-step variant's own preset."""
+    own = features.model_defaults
+    if spec.preset is not None:
+        return spec.preset, _merged(PRESETS[spec.preset], own)
+    if features.variant in ("turbo", "lcm"):
+        preset = Preset(features.variant)
+        return preset, _merged(own, PRESETS[preset])
+    return None, own
+
+
+def _merged(first: PresetDefaults, second: PresetDefaults) -> PresetDefaults:
+    """first's values, second's where first has none."""
+    return replace(
+        first,
+        steps=first.steps or second.steps,
+        guidance_scale=first.guidance_scale
+        if first.guidance_scale is not None
+        else second.guidance_scale,
+        scheduler=first.scheduler or second.scheduler,
+        refiner=first.refiner or second.refiner,
+        lcm_lora=first.lcm_lora or second.lcm_lora,
+    )
 
 
 def _resolve_refiner(
@@ -296,7 +444,7 @@ def check_upscale_size(plan: GenerationPlan, width: int, height: int, max_pixels
 
 
 def _resolve_strength(spec: JobSpec, task: Task, warnings: list[str]) -> float | None:
-    if task is Task.TEXT2IMG:
+    if task in (Task.TEXT2IMG, Task.TEXT2VIDEO):
         return None
     strength = spec.strength
     if strength is None and spec.reference_strength is not None:
@@ -329,8 +477,9 @@ def plan_generation(
     """Resolve defaults, img2img modes and family bounds; raise InvalidJobError on misuse."""
     features = features or Features()
     task = _resolve_task(spec, family)
+    _check_options(spec, family)
     _check_prompts(spec)
-    width, height = _resolve_size(spec, family)
+    width, height = _resolve_size(spec, family, features)
     if spec.num_images > max_num_images:
         raise _invalid("num_images", f"{spec.num_images} is over the limit of {max_num_images}")
     seed = spec.seed if spec.seed is not None else secrets.randbelow(SEED_MAX + 1)
@@ -344,6 +493,8 @@ def plan_generation(
         for g in (spec.guidance_scale, defaults.guidance_scale, family.default_guidance)
         if g is not None
     )
+    video, guidance = _resolve_video(spec, task, guidance, warnings)
+    scheduler = _resolve_scheduler(spec, family, defaults)
     negative = spec.negative_prompt
     strength = _resolve_strength(spec, task, warnings)
     if spec.steps is None and preset in (Preset.LCM, Preset.TURBO) and strength:
@@ -355,6 +506,7 @@ def plan_generation(
         Task.TEXT2IMG: GenerationMode.TEXT2IMG,
         Task.IMG2IMG: GenerationMode.REFERENCE_MODIFY,
         Task.UPSCALE: GenerationMode.UPSCALE,
+        Task.TEXT2VIDEO: GenerationMode.TEXT2VIDEO,
     }.get(task, GenerationMode.INPAINT)
     upscale = _resolve_upscale(spec, family, features) if task is Task.UPSCALE else None
     if upscale is not None and upscale.upscaler != "hires" and spec.num_images > 1:
@@ -397,7 +549,7 @@ def plan_generation(
         num_inference_steps=steps,
         denoise_steps=denoise_steps,
         guidance_scale=guidance,
-        scheduler=spec.scheduler or defaults.scheduler or family.default_scheduler,
+        scheduler=scheduler,
         strength=strength,
         image=spec.image,
         mask=spec.mask,
@@ -410,4 +562,5 @@ def plan_generation(
         reference=_resolve_reference(spec, features),
         upscale=upscale,
         preset=preset,
+        video=video,
     )

@@ -83,6 +83,47 @@ class Settings(BaseSettings):
             "differs from the shipped one (defaults to the shipped config of the family)."
         ),
     )
+    models: str | None = Field(
+        default=None,
+        validation_alias=_env("MODELS", "MODEL_REGISTRY"),
+        description="Model registry: a TOML/YAML/JSON file, or inline JSON, mapping model "
+        "names to {source, family, steps, guidance_scale, width, height, scheduler, "
+        "variant, prediction_type, memory_gb}. Jobs pick one by `model`. See README "
+        "'Several models'.",
+    )
+    model_memory_budget: str = Field(
+        default="auto",
+        validation_alias=_env("MODEL_MEMORY_BUDGET"),
+        description="Memory the loaded models of one worker may take (e.g. 20GB, 512MB, "
+        "bytes); the least recently used model is unloaded to make room. auto: 85% of the "
+        "GPU's memory, or half the host's on the CPU.",
+    )
+    model_affinity_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        validation_alias=_env("MODEL_AFFINITY_WAIT_S"),
+        description="A worker prefers queued jobs for the models it has loaded, passing "
+        "over the queue's head for at most this long (0: strict FIFO within a priority).",
+    )
+    video_model: str = Field(
+        default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        validation_alias=_env("VIDEO_MODEL", "WAN_MODEL_ID"),
+        description="The text-to-video model (Wan2.1) text2video jobs use when they name "
+        "no model; registered when register_video_model is on.",
+    )
+    register_video_model: bool = Field(
+        default=False,
+        validation_alias=_env("REGISTER_VIDEO_MODEL", "DOWNLOAD_WAN2_MODEL"),
+        description="Serve text2video with video_model (the replaced endpoint's "
+        "DOWNLOAD_WAN2_MODEL). Off: text2video jobs must name a video model.",
+    )
+    safety_checker: bool = Field(
+        default=False,
+        validation_alias=_env("SAFETY_CHECKER"),
+        description="Run the SD 1.x safety checker of models that ship one (flagged images "
+        "come back black, with a warning). Off by default, as in the replaced systems.",
+    )
     device: str = Field(
         default="auto",
         validation_alias=_env("DEVICE", "CUDA_DEVICE"),
@@ -112,6 +153,12 @@ class Settings(BaseSettings):
         default=False,
         validation_alias=_env("VAE_TILING"),
         description="Decode large images in tiles (bounded memory for very large sizes).",
+    )
+    video_vae_tiling: Switch = Field(
+        default="auto",
+        validation_alias=_env("VIDEO_VAE_TILING"),
+        description="Decode videos in tiles, one at a time (bounded memory for 81 frames "
+        "at 720p). auto: on for CUDA, off elsewhere.",
     )
     cpu_offload: bool = Field(
         default=False,

@@ -26,6 +26,7 @@ from sdworker.jobs import (
     JobStatus,
     JobTimings,
     LatentsOutput,
+    VideoInfo,
     batch_key_of,
 )
 from sdworker.media import encode_image, generation_parameters, thumbnail_webp
@@ -129,6 +130,9 @@ class Worker:
         if speed is not None:
             self._info.fast_path = speed.describe()
         self._info.model_loaded = True
+        self._preferred_models()  # records the loaded models for the heartbeat
+        models = getattr(self._engine, "models", None)
+        self._info.memory_budget_bytes = getattr(models, "budget_bytes", None)
         self._send_heartbeat()
         last_reclaim = 0.0
         outage = 0  # consecutive broker errors: back off while the broker is away
@@ -158,7 +162,11 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and process one job (or a batch of compatible ones); False when the
         queue was empty."""
-        job = self._broker.claim(self.id)
+        job = self._broker.claim(
+            self.id,
+            prefer_models=self._preferred_models(),
+            affinity_wait_s=self._settings.model_affinity_wait_s,
+        )
         if job is None:
             return False
         self._info.current_job = job.id
@@ -172,6 +180,16 @@ class Worker:
             self._info.current_job = None
             self._info.batch_jobs = []
         return True
+
+    def _preferred_models(self) -> list[str]:
+        """The model keys of queued jobs this worker runs without loading anything:
+        its loaded models by name, and "" (no model named) when the default is loaded."""
+        loaded_models = getattr(self._engine, "loaded_models", None)
+        if loaded_models is None:
+            return []
+        names: list[str] = loaded_models()
+        self._info.models_loaded = names
+        return [*names, ""] if self._settings.model in names else names
 
     def _gather(self, first: Job) -> list[Job]:
         """Cross-job batching: claim the queue's next jobs while they are compatible with
@@ -381,12 +399,68 @@ class Worker:
         result = self._store(job, outcome)
         self._reliably(self._broker.complete, job.id, self.id, result)
 
+    def _store_videos(self, job: Job, outcome: EngineResult) -> tuple[list[Asset], float, float]:
+        """MP4 (H.264, yuv420p) per video, its first frame as the 256 px WEBP poster."""
+        from sdworker.video import encode_mp4, poster_webp
+
+        plan = outcome.plan
+        assert outcome.videos is not None and plan.video is not None
+        encode_s = store_s = 0.0
+        assets = []
+        for index, (frames, seed) in enumerate(zip(outcome.videos, outcome.seeds, strict=True)):
+            started = time.perf_counter()
+            data, info = encode_mp4(frames, plan.video.fps)
+            poster = poster_webp(frames[0])
+            encoded = time.perf_counter()
+            key = image_key(job.owner, job.id, index, "mp4")
+            thumb_key = thumbnail_key(job.owner, job.id, index)
+            url = self._storage.put(key, data, "video/mp4")
+            thumb_url = self._storage.put(thumb_key, poster, "image/webp")
+            encode_s += encoded - started
+            store_s += time.perf_counter() - encoded
+            video_info = VideoInfo(
+                frames=info.frames,
+                width=info.width,
+                height=info.height,
+                fps=info.fps,
+                duration_seconds=info.duration_seconds,
+            )
+            assets.append(
+                Asset(
+                    type="video",
+                    key=key,
+                    url=url,
+                    thumbnail_key=thumb_key,
+                    thumbnail_url=thumb_url,
+                    content_type="video/mp4",
+                    base64=base64.b64encode(data).decode() if job.spec.return_base64 else None,
+                    metadata={
+                        **video_info.model_dump(),
+                        "format": "mp4",
+                        "codec": "h264",
+                        "seed": seed,
+                        "steps": plan.num_inference_steps,
+                        "guidance_scale": plan.guidance_scale,
+                        "scheduler": plan.scheduler,
+                        "file_size_bytes": len(data),
+                        "asset_index": index,
+                        "pipeline": plan.task.value,
+                        "negative_prompt_used": plan.negative_prompt,
+                    },
+                )
+            )
+        return assets, encode_s, store_s
+
     def _store(self, job: Job, outcome: EngineResult) -> JobResult:
         spec, plan = job.spec, outcome.plan
         fmt = spec.output_format.value
         encode_s = store_s = 0.0
-        assets = []
-        for index, (image, seed) in enumerate(zip(outcome.images, outcome.seeds, strict=True)):
+        assets: list[Asset] = []
+        pairs = list(zip(outcome.images, outcome.seeds, strict=True))
+        if outcome.videos is not None:
+            assets, encode_s, store_s = self._store_videos(job, outcome)
+            pairs = []
+        for index, (image, seed) in enumerate(pairs):
             started = time.perf_counter()
             parameters = generation_parameters(plan, seed, outcome.model, image.size)
             main = encode_image(image, fmt, parameters)
@@ -458,6 +532,11 @@ class Worker:
             latents=latents,
             vram_used_bytes=_peak_vram_bytes(self._info.device),
             batch_jobs=outcome.batch_jobs,
+            video_info=VideoInfo.model_validate(
+                {k: assets[0].metadata[k] for k in VideoInfo.model_fields}
+            )
+            if outcome.videos
+            else None,
         )
 
 

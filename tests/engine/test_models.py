@@ -129,15 +129,9 @@ def test_non_stable_diffusion_checkpoint_is_reported(settings: Settings, tmp_pat
         resolve_model(str(path), settings)
 
 
-def test_other_family_is_refused_with_what_is_served(settings: Settings, tmp_path: Path) -> None:
-    path = tmp_path / "sd15.safetensors"
-    clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    save_file(
-        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), clip: torch.zeros(1)},
-        str(path),
-    )
-    engine = Engine(settings.model_copy(update={"model": str(path)}))
-    with pytest.raises(ModelLoadError, match=r"sd15 model.*sdxl"):
+def test_a_refiner_as_the_model_is_refused_with_what_to_do(settings: Settings) -> None:
+    engine = Engine(settings.model_copy(update={"model": "tiny-sdxl-refiner"}))
+    with pytest.raises(ModelLoadError, match=r"sdxl-refiner model.*SDWORKER_REFINER"):
         engine.run(JobSpec(prompt="x"))
 
 
@@ -172,6 +166,7 @@ def test_hub_id_offline_and_not_cached_names_the_id(settings: Settings) -> None:
         (["model.diffusion_model.x", "cond_stage_model.transformer.text_model.x"], "sd15"),
         (["model.diffusion_model.x", "cond_stage_model.model.ln_final.weight"], "sd21"),
         (["model.diffusion_model.joint_blocks.0.x"], "sd3"),
+        (["patch_embedding.weight", "blocks.0.self_attn.q.weight"], "wan-t2v"),
         (["fc.weight"], None),
     ],
 )

@@ -29,6 +29,7 @@ EXPECTED_CLASSES = {
     "dpmpp_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
+    "flow_match_euler": "FlowMatchEulerDiscreteScheduler",
 }
 
 

@@ -324,6 +324,6 @@ def test_resampling_and_model_upscales_load_no_diffusion_model(
     _, path = picture
     run(engine, JobSpec(image=path, upscale_factor=2))
     run(engine, JobSpec(image=path, upscaler="tiny-x2", upscale_factor=2))
-    assert engine._loaded is None  # the SDXL weights were never loaded for these
+    assert engine.loaded_models() == []  # the SDXL weights were never loaded for these
     run(engine, JobSpec(image=path, upscaler="hires", upscale_factor=2, steps=3, prompt="x"))
-    assert engine._loaded is not None  # hires denoises with the model
+    assert engine.loaded_models() == ["tiny-sdxl"]  # hires denoises with the model

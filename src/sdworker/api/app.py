@@ -16,6 +16,7 @@ from sdworker.api.routes import assets, catalog, jobs, system
 from sdworker.api.services import Services
 from sdworker.backends import build_broker, build_storage
 from sdworker.loras import LoraLibrary
+from sdworker.model_registry import load_model_registry
 from sdworker.settings import Settings
 from sdworker.webhooks import WebhookSender
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
         registry=registry,
         webhooks=WebhookSender(settings, broker),
         library=LoraLibrary.from_settings(settings),
+        models=load_model_registry(settings),
     )
 
     @asynccontextmanager

@@ -10,9 +10,10 @@ import anyio
 from prometheus_client import CollectorRegistry
 
 from sdworker.broker.base import Broker
-from sdworker.engine.models import resolve_model
+from sdworker.engine.models import ModelSource, resolve_model
 from sdworker.families import FamilyProfile, served_profile
 from sdworker.loras import LoraLibrary
+from sdworker.model_registry import ModelConfig
 from sdworker.planning import Features, features_from_settings
 from sdworker.settings import Settings
 from sdworker.storage.base import Storage
@@ -40,17 +41,27 @@ class Services:
     )
     started_at: float = field(default_factory=time.monotonic)
 
-    profiles: dict[str, FamilyProfile] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)  # the model registry
+    sources: dict[str, ModelSource] = field(default_factory=dict)
+
+    def source_of(self, model: str | None) -> ModelSource:
+        """Where a job's model is and its family (no weights loaded)."""
+        name = model or self.settings.model
+        if name not in self.sources:
+            trusted = name == self.settings.model  # callers' names stay under the root
+            self.sources[name] = resolve_model(
+                name, self.settings, trusted=trusted, registry=self.models
+            )
+        return self.sources[name]
 
     def family_of(self, model: str | None) -> FamilyProfile:
-        """The family profile a job's model is validated against (no weights loaded)."""
-        name = model or self.settings.model
-        if name not in self.profiles:
-            trusted = name == self.settings.model  # callers' names stay under the root
-            source = resolve_model(name, self.settings, trusted=trusted)
-            self.profiles[name] = served_profile(source.family, source.name)
-        return self.profiles[name]
+        """The family profile a job's model is validated against."""
+        source = self.source_of(model)
+        return served_profile(source.family, source.name)
 
     def features_of(self, model: str | None) -> Features:
         """What the deployment offers a job's model: LoRAs, styles, refiner, upscalers."""
-        return features_from_settings(self.settings, model or self.settings.model, self.library)
+        source = self.source_of(model)
+        return features_from_settings(
+            self.settings, source.name, self.library, family=source.family, config=source.config
+        )

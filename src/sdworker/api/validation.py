@@ -14,6 +14,7 @@ from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError
 from sdworker.fetch import load_image, require_same_size
 from sdworker.jobs import JobSpec
+from sdworker.model_registry import default_model_for
 from sdworker.netguard import UnsafeUrlError
 from sdworker.planning import GenerationPlan, check_upscale_size, plan_generation
 from sdworker.settings import Settings
@@ -35,10 +36,11 @@ def _check_image(ref: str, field: str, settings: Settings) -> Image.Image:
 def validate_job(spec: JobSpec, services: Services) -> GenerationPlan:
     """Raise a 4xx-mapped error for anything the worker would refuse; return the plan."""
     settings = services.settings
-    features = services.features_of(spec.model)
+    model = default_model_for(spec, settings)
+    features = services.features_of(model)
     plan = plan_generation(
         spec,
-        services.family_of(spec.model),
+        services.family_of(model),
         max_num_images=settings.max_num_images,
         features=features,
     )

@@ -88,6 +88,9 @@ def pipeline_arguments(plan: GenerationPlan) -> dict[str, Any]:
     }
     if plan.task is not Task.IMG2IMG:  # img2img takes its size from the image
         arguments |= {"width": plan.width, "height": plan.height}
+    if plan.video is not None:
+        arguments["num_frames"] = plan.video.generated_frames
+        arguments["num_videos_per_prompt"] = arguments.pop("num_images_per_prompt")
     if plan.strength is not None:
         arguments["strength"] = plan.strength
     return arguments

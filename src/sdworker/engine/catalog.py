@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdworker.engine.models import SINGLE_FILE_SUFFIXES, folder_family, single_file_family
-from sdworker.engine.tiny import TINY_MODELS
+from sdworker.engine.tiny import TINY_MODELS, tiny_family
 from sdworker.errors import ModelLoadError
 from sdworker.settings import Settings
 
@@ -60,7 +60,7 @@ def _hub_entries() -> list[ModelEntry]:
 def list_models(settings: Settings) -> list[ModelEntry]:
     """Every model `--model` / SDWORKER_MODEL could name right now, with its family."""
     entries = [
-        ModelEntry(name, "tiny", "sdxl-refiner" if name.endswith("refiner") else "sdxl", "built-in")
+        ModelEntry(name, "tiny", tiny_family(name), "built-in")
         for name in TINY_MODELS
     ]
     if settings.model_root is not None and settings.model_root.expanduser().is_dir():

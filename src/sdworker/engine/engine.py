@@ -15,7 +15,13 @@ from sdworker.engine.adapters import Adapters, LoraAdapters
 from sdworker.engine.arguments import batch_arguments, check_batchable, pipeline_arguments
 from sdworker.engine.hotswap import HotswapLoras
 from sdworker.engine.inputs import prepare_inputs
-from sdworker.engine.models import ModelSource, load_pipeline, pipeline_options, resolve_model
+from sdworker.engine.models import (
+    ModelSource,
+    estimate_weight_bytes,
+    load_pipeline,
+    pipeline_options,
+    resolve_model,
+)
 from sdworker.engine.pipelines import PipelineSet
 from sdworker.engine.progress import (
     CancelCheck,
@@ -24,9 +30,10 @@ from sdworker.engine.progress import (
     StepCallback,
     refiner_step_count,
 )
-from sdworker.engine.prompts import PromptEncoder
+from sdworker.engine.prompts import PlainPrompts, PromptEncoder
 from sdworker.engine.reference import IpAdapter, ip_adapter_scale
 from sdworker.engine.refiner import load_refiner
+from sdworker.engine.registry import LoadedModels, default_budget, module_bytes
 from sdworker.engine.runtime import (
     SpeedOptions,
     apply_pipeline_options,
@@ -43,6 +50,7 @@ from sdworker.errors import InvalidJobError, OutOfMemoryError
 from sdworker.families import Task, served_profile
 from sdworker.jobs import JobSpec
 from sdworker.loras import LoraLibrary, ResolvedLora
+from sdworker.model_registry import default_model_for, load_model_registry, parse_memory_size
 from sdworker.options import RefinerMode
 from sdworker.planning import (
     Features,
@@ -65,7 +73,7 @@ class Latents:
 
 @dataclass
 class EngineResult:
-    images: list[Image.Image]
+    images: list[Image.Image]  # for a video: its first frame (the poster)
     seeds: list[int]
     plan: GenerationPlan
     model: str
@@ -76,6 +84,7 @@ class EngineResult:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     batch_jobs: int = 1  # jobs that shared the pipeline call
+    videos: list[list[Image.Image]] | None = None  # text2video: the frames of each video
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class LoadedModel:
     load_s: float  # weights on the device, compiled and warmed up: ready for jobs
     warnings: list[str]
     adapters: Adapters
-    prompts: PromptEncoder
+    prompts: PromptEncoder | PlainPrompts
     warmup_s: float = 0.0
     refiner: Any = None  # the refiner pipeline, loaded with the first job that needs it
     refiner_scheduler_config: Any = None
@@ -109,6 +118,7 @@ class _Output:
     images: list[Image.Image]
     warnings: list[str] = field(default_factory=list)
     loras: tuple[ResolvedLora, ...] = ()
+    videos: list[list[Image.Image]] | None = None
 
 
 class Engine:
@@ -122,7 +132,18 @@ class Engine:
         self._device = select_device(settings.device)
         self._dtype = select_dtype(settings.dtype, self._device)
         self._sources: dict[str, ModelSource] = {}
-        self._loaded: LoadedModel | None = None
+        self._registry = load_model_registry(settings)
+        budget = parse_memory_size(settings.model_memory_budget)
+        self._models: LoadedModels[ModelSource, LoadedModel] = LoadedModels(
+            self._load_model,
+            lambda loaded: module_bytes(loaded.pipelines.base, loaded.refiner),
+            budget_bytes=budget if budget is not None else default_budget(self._device),
+            estimate=lambda source: estimate_weight_bytes(
+                source, settings, torch.finfo(self._dtype).bits // 8
+            ),
+            on_unload=self._unloaded,
+            name_of=lambda source: source.name,
+        )
         self._lock = threading.Lock()
         self._library = LoraLibrary.from_settings(settings, allow_paths=allow_local_paths)
         self._ip_adapter = IpAdapter(settings, self._device, self._dtype)
@@ -136,6 +157,11 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def models(self) -> LoadedModels[ModelSource, LoadedModel]:
+        """The loaded models (least recently used first) and the memory budget."""
+        return self._models
+
     def source(self, model: str | None = None) -> ModelSource:
         """Find (once) the model a job names, or the default model."""
         name = model or self._settings.model
@@ -143,34 +169,51 @@ class Engine:
             # The operator's default model may be any path; a job's own choice only may
             # when this engine trusts its callers with local paths (CLI, library).
             trusted = name == self._settings.model or self._allow_local_paths
-            self._sources[name] = resolve_model(name, self._settings, trusted=trusted)
+            self._sources[name] = resolve_model(
+                name, self._settings, trusted=trusted, registry=self._registry
+            )
         return self._sources[name]
+
+    def source_of(self, spec: JobSpec) -> ModelSource:
+        """The model a job runs on (its own, the video model, or the default)."""
+        return self.source(default_model_for(spec, self._settings))
 
     def features(self, model: str | None = None) -> Features:
         """What this engine offers a model beyond plain generation (from settings)."""
-        return features_from_settings(self._settings, self.source(model).name, self._library)
+        source = self.source(model)
+        return features_from_settings(
+            self._settings, source.name, self._library, family=source.family, config=source.config
+        )
 
     def plan(self, spec: JobSpec) -> GenerationPlan:
         """Validate a spec against its model's family without loading weights."""
-        source = self.source(spec.model)
+        source = self.source_of(spec)
         profile = served_profile(source.family, source.name)
         return plan_generation(
             spec,
             profile,
             max_num_images=self._settings.max_num_images,
-            features=self.features(spec.model),
+            features=self.features(source.name),
         )
 
     def load(self, model: str | None = None) -> LoadedModel:
-        """Load a model (or return it if loaded); a different model replaces the current."""
+        """Load a model (or return it if loaded), unloading the least recently used
+        ones when the memory budget would be passed."""
         source = self.source(model)
         with self._lock:
-            return self._load_locked(source)
+            return self._models.get(source)[0]
 
-    def _load_locked(self, source: ModelSource) -> LoadedModel:
-        if self._loaded is not None and self._loaded.source == source:
-            return self._loaded
-        self._unload_locked()
+    def loaded_models(self) -> list[str]:
+        """Names of the loaded models, least recently used first."""
+        return [source.name for source in self._models.keys()]  # noqa: SIM118 (a method)
+
+    def _unloaded(self, source: ModelSource, loaded: LoadedModel) -> None:
+        self._ip_adapter.forget_if(loaded.pipelines.base)
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load_model(self, source: ModelSource) -> LoadedModel:
         started = time.perf_counter()
         base = load_pipeline(source, self._settings, self._dtype)
         speed = resolve_speed_options(
@@ -180,8 +223,10 @@ class Engine:
             vae_force_upcast=bool(getattr(base.vae.config, "force_upcast", False)),
             adapters=self._adapters_possible(),
         )
-        adapters = self._lora_manager(base, speed)  # hotswap slots go in before compiling
-        warnings = apply_pipeline_options(base, self._settings, self._device, speed)
+        adapters = self._lora_manager(base, speed, source.family)  # slots before compiling
+        warnings = apply_pipeline_options(
+            base, self._settings, self._device, speed, family=source.family
+        )
         offload = self._settings.cpu_offload and self._device.type == "cuda"
         device = self._device
 
@@ -198,21 +243,23 @@ class Engine:
             source=source,
             pipelines=PipelineSet(
                 base,
+                source.family,
                 on_switch if offload else None,
                 on_derive,
-                options=pipeline_options(self._settings),
+                options=pipeline_options(self._settings, source.family),
             ),
             scheduler_config=base.scheduler.config,
             speed=speed,
             load_s=0.0,
             warnings=warnings,
             adapters=adapters,
-            prompts=PromptEncoder(base),
+            prompts=PromptEncoder(base)
+            if source.family == "sdxl"
+            else PlainPrompts(base, source.family),
         )
         if speed.warmup:
             loaded.warmup_s = self._warm_up(loaded)
         loaded.load_s = time.perf_counter() - started
-        self._loaded = loaded
         return loaded
 
     def _loras_configured(self) -> bool:
@@ -221,10 +268,11 @@ class Engine:
             (s.lora_path is not None and s.lora_path.is_dir()) or s.styles_file or s.lcm_lora
         )
 
-    def _lora_manager(self, base: Any, speed: SpeedOptions) -> Adapters:
+    def _lora_manager(self, base: Any, speed: SpeedOptions, family: str) -> Adapters:
         s = self._settings
         auto = speed.compile != "off" and self._loras_configured()
-        if s.lora_hotswap == "on" or (s.lora_hotswap == "auto" and auto):
+        hotswap = s.lora_hotswap == "on" or (s.lora_hotswap == "auto" and auto)
+        if hotswap and family == "sdxl":
             return HotswapLoras(
                 base,
                 slots=s.lora_hotswap_slots,
@@ -256,18 +304,11 @@ class Engine:
         profile = served_profile(loaded.source.family, loaded.source.name)
         # Two images as well: a second batch size makes torch.compile treat the batch
         # dimension as dynamic, so later batches (and cross-job batches) do not recompile.
-        for images in (1, 2):
+        for images in (1, 2) if loaded.source.family != "wan-t2v" else (1,):
             spec = JobSpec(prompt="warm-up", steps=2, seed=0, num_images=images)
             plan = plan_generation(spec, profile, max_num_images=images)
             self._generate(loaded.source, loaded, [plan], [{}], None, None, 0.0)
         return time.perf_counter() - started
-
-    def _unload_locked(self) -> None:
-        self._ip_adapter.forget()
-        self._loaded = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def run(
         self,
@@ -292,7 +333,7 @@ class Engine:
         if not specs:
             raise ValueError("run_batch needs at least one spec")
         plans = [self.plan(spec) for spec in specs]
-        sources = {self.source(spec.model) for spec in specs}
+        sources = {self.source_of(spec) for spec in specs}
         if len(sources) > 1:
             raise InvalidJobError("jobs of one batch must use the same model", field="model")
         check_batchable(plans)
@@ -304,9 +345,8 @@ class Engine:
         with self._lock:
             loaded, load_s = None, 0.0
             if _needs_model(plans[0]):
-                already_loaded = self._loaded is not None and self._loaded.source == source
-                loaded = self._load_locked(source)
-                load_s = 0.0 if already_loaded else loaded.load_s
+                loaded, fresh = self._models.get(source)
+                load_s = loaded.load_s if fresh else 0.0
             try:
                 return self._generate(source, loaded, plans, inputs, on_step, is_cancelled, load_s)
             except torch.OutOfMemoryError as exc:
@@ -368,6 +408,7 @@ class Engine:
                         *output.warnings,
                     ],
                     batch_jobs=len(plans),
+                    videos=list(output.videos[offset:end]) if output.videos else None,
                 )
             )
             offset = end
@@ -447,8 +488,12 @@ class Engine:
         warnings += notes
         refiner = first.refiner
         if refiner is None:
-            images = progress.call(pipe, arguments | encoded, later=0).images
-            return _Output(images, warnings, applied)
+            result = progress.call(pipe, arguments | encoded, later=0)
+            if first.video is not None:
+                # Wan makes 4k + 1 frames; the job gets exactly the frames it asked for.
+                videos = [list(frames[: first.video.num_frames]) for frames in result.frames]
+                return _Output([v[0] for v in videos], warnings, applied, videos=videos)
+            return _Output(result.images, warnings + _safety_notes(result), applied)
         refiner_pipe = self._refiner_of(loaded)
         assert loaded.refiner_prompts is not None
         refiner_pipe.scheduler = build_scheduler(
@@ -505,6 +550,16 @@ class Engine:
         if path is None:
             raise InvalidJobError(f"upscaler: {name!r} is no longer available", field="upscaler")
         return _Output([self._upscalers.upscale(path, image, factor)])
+
+
+def _safety_notes(result: Any) -> list[str]:
+    """SD 1.x's safety checker (SDWORKER_SAFETY_CHECKER) blacks out flagged images."""
+    flags = getattr(result, "nsfw_content_detected", None) or []
+    return [
+        f"image {index} was flagged by the safety checker and replaced by a black image"
+        for index, flagged in enumerate(flags)
+        if flagged
+    ]
 
 
 def _needs_model(plan: GenerationPlan) -> bool:

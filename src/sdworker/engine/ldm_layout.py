@@ -1,4 +1,5 @@
-"""Convert diffusers-format SDXL weights into the original Stability (SGM / "ldm") single file.
+"""Convert diffusers-format SDXL (and SD 1.x/2.x) weights into the original Stability (SGM /
+"ldm") single file.
 
 The original layout is what ``sd_xl_base_1.0.safetensors`` uses and what
 ``StableDiffusionXLPipeline.from_single_file`` reads:
@@ -9,8 +10,11 @@ The original layout is what ``sd_xl_base_1.0.safetensors`` uses and what
 * ``conditioner.embedders.1.model.*`` - OpenCLIP bigG (``transformer.resblocks.N`` with fused
   ``attn.in_proj_weight``, ``text_projection`` stored as ``(width, embed_dim)``)
 
-Every block and layer count is read from the state dicts, so tiny random models with the SDXL
-architecture convert as well as the real one.
+SD 1.x files hold CLIP-L as ``cond_stage_model.transformer.text_model.*``, SD 2.x files OpenCLIP-H
+as ``cond_stage_model.model.*``; UNet and VAE are named as in SDXL.
+
+Every block and layer count is read from the state dicts, so tiny random models with these
+architectures convert as well as the real ones.
 """
 
 # Hand-written on purpose: diffusers ships only the original -> diffusers direction as a library
@@ -32,6 +36,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SD1_CLIP_PREFIX = "cond_stage_model.transformer."
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 StateDict = Mapping[str, Tensor]
 
@@ -193,19 +199,21 @@ def vae_to_original(vae: StateDict) -> dict[str, Tensor]:
     return out
 
 
-def clip_l_to_original(text_encoder: StateDict) -> dict[str, Tensor]:
+def clip_l_to_original(text_encoder: StateDict, prefix: str = CLIP_L_PREFIX) -> dict[str, Tensor]:
     """CLIPTextModel -> ``conditioner.embedders.0.transformer.text_model.*``.
 
     transformers >= 5.6 dropped the ``text_model.`` wrapper from ``CLIPTextModel``; the original
     layout (and diffusers' loader) always has it, so it is added back when missing.
     """
     return {
-        CLIP_L_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): tensor
+        prefix + (key if key.startswith("text_model.") else "text_model." + key): tensor
         for key, tensor in text_encoder.items()
     }
 
 
-def open_clip_to_original(text_encoder_2: StateDict) -> dict[str, Tensor]:
+def open_clip_to_original(
+    text_encoder_2: StateDict, prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, Tensor]:
     """CLIPTextModelWithProjection -> OpenCLIP ``conditioner.embedders.1.model.*``."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -232,7 +240,7 @@ def open_clip_to_original(text_encoder_2: StateDict) -> dict[str, Tensor]:
         # nn.MultiheadAttention.in_proj_* is [q; k; v] stacked along the output dimension
         fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
         out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = fused
-    return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in out.items()}
+    return {prefix + key: tensor for key, tensor in out.items()}
 
 
 def sdxl_to_original_state_dict(
@@ -248,7 +256,17 @@ def sdxl_to_original_state_dict(
 
 
 def pipeline_to_original_state_dict(pipe: SDXLComponents) -> dict[str, Tensor]:
-    """:func:`sdxl_to_original_state_dict` over a pipeline's ``unet``/``vae``/text encoders."""
+    """The original-layout state dict of an SDXL, SD 1.x or SD 2.x pipeline."""
+    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x: one text encoder
+        unet = pipe.unet.state_dict()
+        text = pipe.text_encoder.state_dict()
+        sd2 = bool(getattr(pipe.unet, "config", {}).get("use_linear_projection"))
+        encoder = (
+            open_clip_to_original(text, SD2_OPEN_CLIP_PREFIX)
+            if sd2
+            else clip_l_to_original(text, SD1_CLIP_PREFIX)
+        )
+        return {**unet_to_original(unet), **vae_to_original(pipe.vae.state_dict()), **encoder}
     return sdxl_to_original_state_dict(
         pipe.unet.state_dict(),
         pipe.vae.state_dict(),

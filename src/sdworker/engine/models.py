@@ -17,13 +17,44 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from sdworker.engine.tiny import clip_tokenizers, ensure_tiny_model, is_tiny_model
+from sdworker.engine.tiny import (
+    clip_tokenizers,
+    ensure_tiny_model,
+    is_tiny_model,
+    tiny_family,
+)
 from sdworker.errors import ModelLoadError, ModelNotFoundError
+from sdworker.families import FAMILIES
+from sdworker.model_registry import ModelConfig, load_model_registry
 from sdworker.settings import Settings
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-SUPPORTED_FAMILIES = ("sdxl",)
+
+# family -> (text-to-image or -video pipeline, img2img, inpaint) diffusers class names.
+PIPELINE_CLASSES: dict[str, tuple[str, str | None, str | None]] = {
+    "sd15": (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    ),
+    "sd21": (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    ),
+    "sdxl": (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ),
+    "sd3": (
+        "StableDiffusion3Pipeline",
+        "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3InpaintPipeline",
+    ),
+    "wan-t2v": ("WanPipeline", None, None),
+}
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -36,6 +67,8 @@ _PIPELINE_FAMILIES = {
     "StableDiffusionImg2ImgPipeline": "sd15",
     "StableDiffusionInpaintPipeline": "sd15",
     "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
     "WanPipeline": "wan-t2v",
 }
 
@@ -55,6 +88,11 @@ class ModelSource:
     kind: SourceKind
     location: str
     family: str
+    config: ModelConfig | None = None  # its model registry entry, if any
+
+    @property
+    def defaults(self) -> ModelConfig:
+        return self.config or ModelConfig(source=self.location)
 
 
 def _candidates(name: str, root: Path | None, *, trusted: bool) -> list[Path]:
@@ -84,15 +122,32 @@ def _is_plain_name(name: str) -> bool:
     return all(part not in {"", ".", ".."} for part in name.split("/"))
 
 
-def resolve_model(name: str, settings: Settings, *, trusted: bool = True) -> ModelSource:
-    """Find a model by name and detect its family, without loading weights.
+def resolve_model(
+    name: str,
+    settings: Settings,
+    *,
+    trusted: bool = True,
+    registry: dict[str, ModelConfig] | None = None,
+) -> ModelSource:
+    """Find a model by name (a model registry entry first) and detect its family,
+    without loading weights.
 
     Untrusted names (from API callers) are looked up only under the model root, as hub
     ids or as built-in models, and every miss gives the same error, so a caller learns
     nothing about the server's files."""
+    registry = load_model_registry(settings) if registry is None else registry
+    config = registry.get(name)
+    if config is not None:
+        # The operator's own entry: its source may be any path or hub id.
+        found = _find_source(config.source, settings, trusted=True)
+        family = config.family or found.family
+        return ModelSource(name, found.kind, found.location, family, config)
+    return _find_source(name, settings, trusted=trusted)
+
+
+def _find_source(name: str, settings: Settings, *, trusted: bool) -> ModelSource:
     if is_tiny_model(name):
-        family = "sdxl-refiner" if name.endswith("refiner") else "sdxl"
-        return ModelSource(name, SourceKind.TINY, name, family)
+        return ModelSource(name, SourceKind.TINY, name, tiny_family(name))
     if not trusted and not _is_plain_name(name):
         raise ModelNotFoundError(
             f"model {name!r} is not a model name: give a name under the model root, a hub "
@@ -127,19 +182,43 @@ def resolve_model(name: str, settings: Settings, *, trusted: bool = True) -> Mod
     where = f"tried: {', '.join(str(p) for p in tried)}" if trusted else "not under the model root"
     raise ModelNotFoundError(
         f"model {name!r} not found; {where} ({root_hint}); "
-        "give a .safetensors/.ckpt file, a diffusers folder, a hub id (org/name) or tiny-sdxl",
+        "give a .safetensors/.ckpt file, a diffusers folder, a hub id (org/name), a model "
+        "registry name (SDWORKER_MODELS) or a built-in tiny model (tiny-sdxl, tiny-sd15, "
+        "tiny-sd21, tiny-sd3, tiny-wan)",
         field="model",
     )
 
 
-def _family_from_index(index: dict[str, Any], where: str) -> str:
+def _family_from_index(
+    index: dict[str, Any], where: str, unet_config: dict[str, Any] | None = None
+) -> str:
     class_name = str(index.get("_class_name", ""))
     family = _PIPELINE_FAMILIES.get(class_name)
     if family is None:
-        raise ModelLoadError(f"{where}: unsupported pipeline class {class_name!r}", field="model")
+        known = ", ".join(sorted(set(_PIPELINE_FAMILIES)))
+        raise ModelLoadError(
+            f"{where}: unsupported pipeline class {class_name!r} (served: {known})",
+            field="model",
+        )
     if family == "sdxl" and index.get("text_encoder", [None])[0] is None:
         return "sdxl-refiner"  # the refiner has only the second text encoder
+    if family == "sd15" and unet_config is not None and _is_sd2_unet(unet_config):
+        return "sd21"
     return family
+
+
+def _is_sd2_unet(config: dict[str, Any]) -> bool:
+    """SD 2.x UNets attend to OpenCLIP-H (1024 wide) through linear projections; SD 1.x
+    ones to CLIP-L (768) through 1x1 convolutions."""
+    return bool(config.get("use_linear_projection")) or config.get("cross_attention_dim") == 1024
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def folder_family(path: Path) -> str:
@@ -153,7 +232,7 @@ def folder_family(path: Path) -> str:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{index_path} is not readable JSON: {exc}", field="model") from exc
-    return _family_from_index(index, str(path))
+    return _family_from_index(index, str(path), _read_json(path / "unet" / "config.json"))
 
 
 class _KeysOnlyUnpickler(pickle.Unpickler):
@@ -216,6 +295,8 @@ def family_from_keys(keys: Iterable[str]) -> str | None:
 
     if has("model.diffusion_model.joint_blocks."):
         return "sd3"
+    if has("patch_embedding.") and has("blocks.0.self_attn."):
+        return "wan-t2v"  # a Wan2.1 transformer in its original layout
     if not has("model.diffusion_model."):
         return None
     if has("conditioner.embedders.1.model."):
@@ -255,27 +336,50 @@ def hub_family(repo_id: str) -> str:
             f"hub model {repo_id!r} could not be fetched: {type(exc).__name__}: {why}",
             field="model",
         ) from exc
-    return _family_from_index(json.loads(Path(index_path).read_text()), repo_id)
+    index = json.loads(Path(index_path).read_text())
+    unet_config = None
+    if _PIPELINE_FAMILIES.get(str(index.get("_class_name"))) == "sd15":
+        try:
+            unet_config = _read_json(Path(hf_hub_download(repo_id, "unet/config.json")))
+        except Exception:  # no unet config: keep the pipeline class's family
+            unet_config = None
+    return _family_from_index(index, repo_id, unet_config)
+
+
+def pipeline_class(family: str, slot: int = 0) -> Any:
+    """The diffusers class of a family's pipeline: 0 base, 1 img2img, 2 inpaint."""
+    import diffusers
+
+    name = PIPELINE_CLASSES[family][slot]
+    if name is None:
+        raise ModelLoadError(f"{family} models have no pipeline for that task", field="task")
+    return getattr(diffusers, name)
 
 
 def load_pipeline(source: ModelSource, settings: Settings, dtype: torch.dtype) -> Any:
-    """Load the text-to-image pipeline of a model on the CPU (placement is the caller's)."""
-    if source.family not in SUPPORTED_FAMILIES:
+    """Load the base pipeline of a model (text-to-image, or text-to-video for Wan) on the
+    CPU (placement is the caller's)."""
+    if source.family not in FAMILIES:
+        hint = (
+            " (it runs behind an SDXL base: set SDWORKER_REFINER)"
+            if "refiner" in source.family
+            else ""
+        )
         raise ModelLoadError(
-            f"model {source.name!r} is a {source.family} model; this version serves "
-            f"{', '.join(SUPPORTED_FAMILIES)}",
+            f"model {source.name!r} is a {source.family} model{hint}; this version serves "
+            f"{', '.join(FAMILIES)}",
             field="model",
         )
-    from diffusers import StableDiffusionXLPipeline
-
-    options = pipeline_options(settings)
+    cls = pipeline_class(source.family)
+    options = pipeline_options(settings, source.family)
     try:
         if source.kind is SourceKind.SINGLE_FILE:
-            return _load_single_file(StableDiffusionXLPipeline, source, settings, dtype)
-        location = source.location
-        if source.kind is SourceKind.TINY:
-            location = str(ensure_tiny_model(source.location, settings.cache_dir))
-        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **options)
+            pipe = _load_single_file(cls, source, settings, dtype)
+        else:
+            location = source.location
+            if source.kind is SourceKind.TINY:
+                location = str(ensure_tiny_model(source.location, settings.cache_dir))
+            pipe = cls.from_pretrained(location, dtype=dtype, **options)
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many types for one cause: unusable weights
@@ -284,11 +388,36 @@ def load_pipeline(source: ModelSource, settings: Settings, dtype: torch.dtype) -
             f"{type(exc).__name__}: {exc}",
             field="model",
         ) from exc
+    _check_safety_checker(pipe, source, settings)
+    prediction = source.defaults.prediction_type
+    if prediction and pipe.scheduler.config.get("prediction_type") != prediction:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction
+        )
+    return pipe
 
 
-def pipeline_options(settings: Settings) -> dict[str, Any]:
-    """Constructor options of SDXL pipelines: the invisible watermark is explicit (off by
-    default), not diffusers' 'on whenever the package happens to be installed'."""
+def _check_safety_checker(pipe: Any, source: ModelSource, settings: Settings) -> None:
+    wanted = settings.safety_checker and source.family in ("sd15", "sd21")
+    if wanted and getattr(pipe, "safety_checker", None) is None:
+        raise ModelLoadError(
+            f"SDWORKER_SAFETY_CHECKER is on but model {source.name!r} ships no "
+            "safety_checker; turn the setting off or use a model folder that has one",
+            field="safety_checker",
+        )
+
+
+def pipeline_options(settings: Settings, family: str = "sdxl") -> dict[str, Any]:
+    """Constructor options that pipelines do not keep in their config (so from_pipe
+    would fall back to diffusers' defaults): SDXL's invisible watermark is explicit (off
+    by default, not 'on whenever the package is installed'); SD 1.x/2.x's safety
+    checker is loaded only when SDWORKER_SAFETY_CHECKER is on."""
+    if family in ("sd15", "sd21"):
+        if settings.safety_checker:
+            return {}
+        return {"safety_checker": None, "requires_safety_checker": False}
+    if family != "sdxl":
+        return {}
     if settings.watermark:
         from diffusers.utils import is_invisible_watermark_available
 
@@ -301,18 +430,49 @@ def pipeline_options(settings: Settings) -> dict[str, Any]:
     return {"add_watermarker": settings.watermark}
 
 
+def _single_file_tokenizers(family: str, config_dir: Path) -> dict[str, Any]:
+    """CLIP tokenizers from the shipped BPE files when the config folder has none."""
+    if (config_dir / "tokenizer").is_dir():
+        return {}
+    clip, clip_padded = clip_tokenizers()
+    if family == "sd15":
+        return {"tokenizer": clip}
+    if family == "sd21":
+        return {"tokenizer": clip_padded}  # SD 2.x pads with "!" like OpenCLIP
+    if family == "sd3":
+        if not (config_dir / "tokenizer_3").is_dir():
+            raise ModelLoadError(
+                f"config folder {config_dir} has no tokenizer_3 (SD3's T5 tokenizer): point "
+                "the registry entry's config_dir or SDWORKER_MODEL_CONFIG at an SD3 diffusers "
+                "folder",
+                field="model",
+            )
+        return {"tokenizer": clip, "tokenizer_2": clip_padded}
+    return {"tokenizer": clip, "tokenizer_2": clip_padded}
+
+
 def _load_single_file(
     pipeline_cls: Any, source: ModelSource, settings: Settings, dtype: torch.dtype
 ) -> Any:
-    config_dir = settings.model_config_dir or CONFIGS_DIR / f"{source.family}-base"
-    if not (config_dir / "model_index.json").is_file():
+    if source.family == "wan-t2v":
         raise ModelLoadError(
-            f"config folder {config_dir} has no model_index.json (SDWORKER_MODEL_CONFIG)",
+            f"{source.location} is a Wan transformer on its own; Wan models load from a "
+            "diffusers folder or hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)",
             field="model",
         )
-    extra: dict[str, Any] = {}
-    if not (config_dir / "tokenizer").is_dir():
-        extra["tokenizer"], extra["tokenizer_2"] = clip_tokenizers()
+    own = source.defaults.config_dir
+    config_dir = (
+        Path(own).expanduser()
+        if own
+        else settings.model_config_dir or CONFIGS_DIR / f"{source.family}-base"
+    )
+    if not (config_dir / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"config folder {config_dir} has no model_index.json (set the registry entry's "
+            "config_dir or SDWORKER_MODEL_CONFIG to the model's diffusers config folder)",
+            field="model",
+        )
+    extra = _single_file_tokenizers(source.family, config_dir)
     try:
         return pipeline_cls.from_single_file(
             source.location,
@@ -320,7 +480,7 @@ def _load_single_file(
             local_files_only=True,
             dtype=dtype,
             **extra,
-            **pipeline_options(settings),
+            **pipeline_options(settings, source.family),
         )
     except Exception as exc:
         raise ModelLoadError(
@@ -329,3 +489,55 @@ def _load_single_file(
             "differs, point SDWORKER_MODEL_CONFIG at a matching diffusers config folder",
             field="model",
         ) from exc
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Parameters in a .safetensors file, from its JSON header only (no tensor read)."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        total += count
+    return total
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files from_pretrained reads: variant files (x.fp16.safetensors) only
+    where no plain file sits next to them."""
+    files = sorted(folder.rglob("*.safetensors")) or sorted(folder.rglob("*.bin"))
+    plain = {f.parent / f.name.split(".")[0] for f in files if f.name.count(".") == 1}
+    return [
+        f for f in files if f.name.count(".") == 1 or f.parent / f.name.split(".")[0] not in plain
+    ]
+
+
+def estimate_weight_bytes(source: ModelSource, settings: Settings, element_size: int) -> int | None:
+    """Memory a model's weights will take once loaded in a dtype of `element_size` bytes,
+    counted from the files' headers; None when the files are not on this machine."""
+    if source.config is not None and source.config.memory_gb is not None:
+        return int(source.config.memory_gb * 1024**3)
+    if source.kind is SourceKind.TINY:
+        root = ensure_tiny_model(source.location, settings.cache_dir)
+    elif source.kind is SourceKind.HUB:
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(source.location, local_files_only=True))
+        except Exception:  # not downloaded yet: measured after loading instead
+            return None
+    else:
+        root = Path(source.location)
+    files = [root] if root.is_file() else _weight_files(root)
+    total = 0
+    for path in files:
+        if path.suffix == ".safetensors":
+            total += _safetensors_numel(path) * element_size
+        else:  # pickled weights: the file size is the best estimate without unpickling
+            total += path.stat().st_size
+    return total or None

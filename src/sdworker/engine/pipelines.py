@@ -18,6 +18,7 @@ class PipelineSet:
     def __init__(
         self,
         base: Any,
+        family: str,
         on_switch: Callable[[Any], None] | None = None,
         on_derive: Callable[[Any], None] | None = None,
         options: dict[str, Any] | None = None,
@@ -27,7 +28,8 @@ class PipelineSet:
         `on_derive(pipe)` runs on each pipeline made from the base; `options` are
         constructor options that SDXL pipelines do not keep in their config (the
         watermark), so from_pipe would otherwise fall back to diffusers' default."""
-        self._pipelines: dict[Task, Any] = {Task.TEXT2IMG: base}
+        self.family = family
+        self._pipelines: dict[Task, Any] = {Task.TEXT2IMG: base, Task.TEXT2VIDEO: base}
         self._on_switch = on_switch
         self._on_derive = on_derive
         self._active = Task.TEXT2IMG
@@ -47,14 +49,12 @@ class PipelineSet:
         return pipe
 
     def _derive(self, task: Task) -> Any:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+        from sdworker.engine.models import pipeline_class
 
-        classes = {
-            Task.IMG2IMG: StableDiffusionXLImg2ImgPipeline,
-            Task.INPAINT: StableDiffusionXLInpaintPipeline,
-        }
+        slot = {Task.IMG2IMG: 1, Task.INPAINT: 2}[task]
         # from_pipe casts to fp32 unless told the dtype, which would upcast shared weights.
-        pipe = classes[task].from_pipe(self.base, dtype=self.base.dtype, **self._options)
+        cls = pipeline_class(self.family, slot)
+        pipe = cls.from_pipe(self.base, dtype=self.base.dtype, **self._options)
         pipe.set_progress_bar_config(disable=True)
         if self._on_derive is not None:
             self._on_derive(pipe)

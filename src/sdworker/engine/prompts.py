@@ -229,3 +229,40 @@ def _pad(cond: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
     chunk = empty.shape[1]
     filler = empty.to(cond).repeat(cond.shape[0], missing // chunk, 1)
     return torch.cat([cond, filler], dim=1)
+
+
+class PlainPrompts:
+    """Prompt handling of the families without compel support here (SD 1.x/2.x, SD3,
+    Wan): the pipeline encodes the text itself. CLIP-only families read the first 77
+    tokens; a longer prompt gets a note instead of silent truncation."""
+
+    def __init__(self, pipe: Any, family: str) -> None:
+        self._pipe = pipe
+        self._family = family
+
+    def encode(self, texts: dict[str, Any], *, weighting: bool) -> tuple[dict[str, Any], list[str]]:
+        tokenizer = getattr(self._pipe, "tokenizer", None)
+        if self._family not in ("sd15", "sd21") or tokenizer is None:
+            return {}, []  # SD3 and Wan read long prompts with their T5/UMT5 encoder
+        texts_in = [
+            *(_as_list(texts["prompt"]) or []),
+            *(_as_list(texts.get("negative_prompt")) or []),
+        ]
+        longest = max(
+            (
+                len(tokenizer(t, add_special_tokens=False, truncation=False, verbose=False)[
+                    "input_ids"
+                ])
+                for t in texts_in
+            ),
+            default=0,
+        )
+        if longest <= CHUNK_TOKENS:
+            return {}, []
+        return {}, [
+            f"prompt of {longest} tokens: {self._family} models read the first {CHUNK_TOKENS} "
+            "(chunked long prompts are SDXL-only)"
+        ]
+
+    def sequence_length(self, texts: dict[str, Any], *, weighting: bool) -> int:
+        return CHUNK_TOKENS + 2  # always padded to one length: batching is safe

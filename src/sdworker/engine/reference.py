@@ -64,6 +64,11 @@ class IpAdapter:
         elif not wanted and self._loaded_on is not None:
             self.unload()
 
+    def forget_if(self, pipe: Any) -> None:
+        """The pipeline it was loaded on is being unloaded (with its adapter)."""
+        if self._loaded_on is pipe:
+            self._loaded_on = None
+
     def forget(self) -> None:
         """The pipeline was dropped (model unloaded): nothing is loaded any more."""
         self._loaded_on = None

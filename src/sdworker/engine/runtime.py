@@ -175,15 +175,34 @@ def enable_compile_cache(path: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
+UNET_FAMILIES = ("sd15", "sd21", "sdxl")
+
+
+def denoiser(pipe: Any) -> Any:
+    """The UNet (SD 1.x/2.x/XL) or transformer (SD3 MMDiT, Wan) of a pipeline."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def apply_pipeline_options(
-    pipe: Any, settings: Settings, device: torch.device, speed: SpeedOptions
+    pipe: Any,
+    settings: Settings,
+    device: torch.device,
+    speed: SpeedOptions,
+    *,
+    family: str = "sdxl",
 ) -> list[str]:
     """Put a pipeline on its device with the configured memory and speed switches.
 
     Returns warnings for switches that were asked for but could not be honoured.
     """
     warnings = _apply_memory_options(pipe, settings, device)
-    if speed.fuse_qkv:
+    if family == "wan-t2v" and _switch(settings.video_vae_tiling, device.type == "cuda"):
+        # 81 frames at 720p decode in tiles and one video at a time: bounded memory.
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    unet_family = family in UNET_FAMILIES
+    if speed.fuse_qkv and unet_family:
         if settings.attention_slicing or settings.enable_xformers:
             warnings.append("fuse_qkv is off: it needs SDPA attention (no slicing or xformers)")
         else:
@@ -192,7 +211,7 @@ def apply_pipeline_options(
                 drop_unfused_projections(model)
     if speed.vae_dtype is not None:
         set_vae_dtype(pipe.vae, speed.vae_dtype)
-    if speed.channels_last:
+    if speed.channels_last and unet_family:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     _compile(pipe, speed, settings.compile_cache_path)
@@ -245,11 +264,12 @@ def _compile(pipe: Any, speed: SpeedOptions, cache_dir: Path) -> None:
         return
     enable_compile_cache(cache_dir)
     options = {"mode": speed.compile_mode, "fullgraph": False}
-    if speed.compile == "regional":
+    model = denoiser(pipe)
+    if speed.compile == "regional" and getattr(model, "_repeated_blocks", None):
         # Compiles the repeated transformer block once per shape and reuses the code for
-        # all 70 of them: a fraction of a full compile's time for most of its speed.
-        pipe.unet.compile_repeated_blocks(**options)
-    elif speed.compile == "full":
-        pipe.unet.compile(**options)
+        # all of them (70 in SDXL): a fraction of a full compile's time for most of its speed.
+        model.compile_repeated_blocks(**options)
+    elif speed.compile != "off":
+        model.compile(**options)
     if speed.compile_vae:
         pipe.vae.decoder.compile(**options)

@@ -63,6 +63,13 @@ SCHEDULERS: tuple[SchedulerChoice, ...] = (
     ),
     SchedulerChoice("unipc", "UniPC", "UniPCMultistepScheduler", aliases=("unipcmultistep",)),
     SchedulerChoice("lcm", "LCM", "LCMScheduler"),
+    # Flow-matching models (SD3) only; see families.FamilyProfile.schedulers.
+    SchedulerChoice(
+        "flow_match_euler",
+        "Flow Euler",
+        "FlowMatchEulerDiscreteScheduler",
+        aliases=("flowmatcheuler",),
+    ),
 )
 
 

@@ -1,22 +1,79 @@
-"""Deterministic random-weight tiny models with the SDXL architecture.
+"""Deterministic random-weight tiny models, one per family the service serves.
 
-They exercise every code path (two text encoders, pooled embeddings, micro-conditioning,
-a VAE that downsamples by 8) in a fraction of a second on a CPU, need no download, and
-are the default model of a fresh install. Their images are noise-like by design.
+They exercise every code path of their family (for SDXL: two text encoders, pooled
+embeddings, micro-conditioning, a VAE that downsamples by 8) in a fraction of a second
+on a CPU, need no download, and tiny-sdxl is the default model of a fresh install.
+Their images are noise-like by design. The SDXL pair is built here; the other families
+live in tiny_families.py, whose docstring says what each keeps of the real model.
+
+tiny-sd15 ships a safety checker that flags every image
+(``TINY_SAFETY_CHECKER_FLAGS_ALL``): loaded with it, every image comes back black.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Bump when the architecture or seeding below changes: the cache folder is keyed by it.
-TINY_VERSION = 2
-TINY_MODELS = ("tiny-sdxl", "tiny-sdxl-refiner")
+from sdworker.engine.tiny_families import (
+    TINY_SAFETY_CHECKER_FLAGS_ALL,
+    build_sd3,
+    build_sd15,
+    build_sd21,
+    build_wan,
+)
+from sdworker.engine.tokenizers_local import (
+    CLIP_TOKENIZER_DIR,
+    clip_tokenizers,
+    t5_tokenizer,
+    umt5_tokenizer,
+)
 
-CLIP_TOKENIZER_DIR = Path(__file__).parent / "configs" / "clip-tokenizer"
+__all__ = [
+    "CLIP_TOKENIZER_DIR",
+    "TINY_FAMILIES",
+    "TINY_MODELS",
+    "TINY_SAFETY_CHECKER_FLAGS_ALL",
+    "TINY_VERSION",
+    "build_tiny_pipeline",
+    "clip_tokenizers",
+    "ensure_tiny_model",
+    "is_tiny_model",
+    "t5_tokenizer",
+    "tiny_family",
+    "umt5_tokenizer",
+]
+
+# The SDXL pair's version. Bump a model's version when its architecture or seeding
+# changes: its cache folder is keyed by it, so stale caches are never reused.
+TINY_VERSION = 2
+_VERSIONS = {
+    "tiny-sdxl": TINY_VERSION,
+    "tiny-sdxl-refiner": TINY_VERSION,
+    "tiny-sd15": 1,
+    "tiny-sd21": 1,
+    "tiny-sd3": 1,
+    "tiny-wan": 1,
+}
+TINY_MODELS: tuple[str, ...] = (
+    "tiny-sdxl",
+    "tiny-sdxl-refiner",
+    "tiny-sd15",
+    "tiny-sd21",
+    "tiny-sd3",
+    "tiny-wan",
+)
+TINY_FAMILIES: dict[str, str] = {
+    "tiny-sdxl": "sdxl",
+    "tiny-sdxl-refiner": "sdxl-refiner",
+    "tiny-sd15": "sd15",
+    "tiny-sd21": "sd21",
+    "tiny-sd3": "sd3",
+    "tiny-wan": "wan-t2v",
+}
 
 _TIME_EMBED_DIM = 8
 # The two encoders must differ in width, as CLIP-L (768) and OpenCLIP bigG (1280) do:
@@ -26,16 +83,13 @@ _TEXT_2_HIDDEN = 64
 
 
 def is_tiny_model(name: str) -> bool:
-    return name in TINY_MODELS
+    return name in TINY_FAMILIES
 
 
-def clip_tokenizers() -> tuple[Any, Any]:
-    """SDXL's two CLIP tokenizers from the shipped BPE files (they differ only in padding)."""
-    from transformers import CLIPTokenizer
-
-    first = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
-    second = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token="!")
-    return first, second
+def tiny_family(name: str) -> str:
+    if name not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    return TINY_FAMILIES[name]
 
 
 def _text_encoder(with_projection: bool) -> Any:
@@ -120,15 +174,10 @@ def _scheduler() -> Any:
     )
 
 
-def build_tiny_pipeline(name: str) -> Any:
-    """A fresh in-memory tiny pipeline; the same weights on every machine and run."""
+def _build_sdxl(refiner: bool) -> Any:
+    import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    if not is_tiny_model(name):
-        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
-    import torch
-
-    refiner = name.endswith("refiner")
     tokenizer, tokenizer_2 = clip_tokenizers()
     generator_state = torch.random.get_rng_state()
     try:
@@ -165,9 +214,26 @@ def build_tiny_pipeline(name: str) -> Any:
     )
 
 
+_BUILDERS: dict[str, Callable[[], Any]] = {
+    "tiny-sdxl": lambda: _build_sdxl(refiner=False),
+    "tiny-sdxl-refiner": lambda: _build_sdxl(refiner=True),
+    "tiny-sd15": build_sd15,
+    "tiny-sd21": build_sd21,
+    "tiny-sd3": build_sd3,
+    "tiny-wan": build_wan,
+}
+
+
+def build_tiny_pipeline(name: str) -> Any:
+    """A fresh in-memory tiny pipeline; the same weights on every machine and run."""
+    tiny_family(name)  # unknown names fail here, with the list of known ones
+    return _BUILDERS[name]()
+
+
 def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     """The diffusers folder of a tiny model, built into the cache on first use."""
-    target = cache_dir / "models" / f"{name}-v{TINY_VERSION}"
+    tiny_family(name)
+    target = cache_dir / "models" / f"{name}-v{_VERSIONS[name]}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from sdworker.api.deps import ServicesDep
 from sdworker.api.services import Services
 from sdworker.broker.base import WorkerInfo
 from sdworker.engine.schedulers import scheduler_names
+from sdworker.errors import SdworkerError
 from sdworker.jobs import OutputFormat
 from sdworker.options import PRESETS, Preset
 from sdworker.planning import UPSCALE_RESAMPLERS
@@ -49,10 +50,51 @@ def _features(services: Services) -> dict[str, Any]:
         "ip_adapter": features.ip_adapter,
         "upscalers": [*UPSCALE_RESAMPLERS, *features.upscalers],
         "upscale_max_pixels": features.upscale_max_pixels,
-        "prompt_weighting": True,
-        "safety_checker": False,
+        "prompt_weighting": "prompt_weighting" in services.family_of(None).options,
+        "safety_checker": settings.safety_checker,
         "watermark": settings.watermark,
     }
+
+
+def _model_entry(services: Services, name: str, workers: list[WorkerInfo]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "loaded_on": []}
+    try:
+        source = services.source_of(name)
+        profile = services.family_of(name)
+    except SdworkerError as exc:  # a broken entry is shown, not a failed /status
+        return entry | {"family": None, "problem": exc.message}
+    config = source.defaults
+    entry |= {
+        "family": profile.name,
+        "label": profile.label,
+        "tasks": sorted(task.value for task in profile.tasks),
+        "kind": source.kind.value,
+        "description": config.description,
+        "defaults": {
+            "width": config.width or profile.default_size[0],
+            "height": config.height or profile.default_size[1],
+            "steps": config.steps or profile.default_steps,
+            "guidance_scale": config.guidance_scale
+            if config.guidance_scale is not None
+            else profile.default_guidance,
+            "scheduler": config.scheduler or profile.default_scheduler,
+        },
+        "loaded_on": [w.id for w in workers if name in w.models_loaded],
+    }
+    return entry
+
+
+def model_names(services: Services) -> list[str]:
+    """The default model, the registry's and the video model, once each."""
+    settings = services.settings
+    names = [settings.model, *services.models]
+    if settings.register_video_model:
+        names.append(settings.video_model)
+    return list(dict.fromkeys(names))
+
+
+def _models(services: Services, workers: list[WorkerInfo]) -> list[dict[str, Any]]:
+    return [_model_entry(services, name, workers) for name in model_names(services)]
 
 
 def _health(services: Services) -> Health:
@@ -92,6 +134,7 @@ def status(services: ServicesDep) -> dict[str, Any]:
     settings = services.settings
     stats = services.broker.stats()
     family = services.family_of(None)
+    live = _live_workers(services, stats.workers)
     return {
         "worker_type": "sdworker",
         "model": settings.model,
@@ -125,7 +168,9 @@ def status(services: ServicesDep) -> dict[str, Any]:
         "thumbnail_generation": True,
         "queue": stats.queued,
         "running": stats.running,
-        "workers": [w.model_dump(mode="json") for w in _live_workers(services, stats.workers)],
+        "models": _models(services, live),
+        "video_model": settings.video_model if settings.register_video_model else None,
+        "workers": [w.model_dump(mode="json") for w in live],
     }
 
 
