@@ -59,10 +59,7 @@ def _hub_entries() -> list[ModelEntry]:
 
 def list_models(settings: Settings) -> list[ModelEntry]:
     """Every model `--model` / SDWORKER_MODEL could name right now, with its family."""
-    entries = [
-        ModelEntry(name, "tiny", tiny_family(name), "built-in")
-        for name in TINY_MODELS
-    ]
+    entries = [ModelEntry(name, "tiny", tiny_family(name), "built-in") for name in TINY_MODELS]
     if settings.model_root is not None and settings.model_root.expanduser().is_dir():
         entries.extend(_root_entries(settings.model_root))
     entries.extend(_hub_entries())

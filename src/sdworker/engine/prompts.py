@@ -250,9 +250,11 @@ class PlainPrompts:
         ]
         longest = max(
             (
-                len(tokenizer(t, add_special_tokens=False, truncation=False, verbose=False)[
-                    "input_ids"
-                ])
+                len(
+                    tokenizer(t, add_special_tokens=False, truncation=False, verbose=False)[
+                        "input_ids"
+                    ]
+                )
                 for t in texts_in
             ),
             default=0,
