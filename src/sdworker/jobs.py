@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from sdworker.engine.schedulers import UnknownSchedulerError, find_scheduler
+from sdworker.engine.schedulers import canonical_scheduler
 from sdworker.families import Task
 from sdworker.options import (
     MAX_LORAS_PER_JOB,
@@ -270,12 +270,7 @@ class JobSpec(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _canonical_scheduler(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return find_scheduler(value).name
-        except UnknownSchedulerError as exc:
-            raise ValueError(str(exc)) from None
+        return canonical_scheduler(value)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sdworker.engine.schedulers import UnknownSchedulerError, find_scheduler
+from sdworker.engine.schedulers import canonical_scheduler
 from sdworker.errors import SdworkerError
 from sdworker.families import Task
 from sdworker.jobs import MAX_STEPS, JobSpec
@@ -67,12 +67,7 @@ class ModelConfig(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return find_scheduler(value).name
-        except UnknownSchedulerError as exc:
-            raise ValueError(str(exc)) from None
+        return canonical_scheduler(value)
 
 
 def _parse(text: str, where: str, suffix: str) -> object:

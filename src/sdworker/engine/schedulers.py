@@ -107,6 +107,17 @@ def find_scheduler(name: str) -> SchedulerChoice:
     return choice
 
 
+def canonical_scheduler(value: str | None) -> str | None:
+    """A field validator's view: the canonical name, ValueError (listing the valid
+    names) for an unknown one, None kept."""
+    if value is None:
+        return None
+    try:
+        return find_scheduler(value).name
+    except UnknownSchedulerError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def build_scheduler(choice: SchedulerChoice, base_config: Any, seeds: list[int]) -> SchedulerMixin:
     """A fresh scheduler from the model's own scheduler config plus the choice's overrides.
 
