@@ -221,6 +221,30 @@ def test_models_lists_tiny_and_models_under_the_root(
     assert str(tmp_path) in result.stdout
 
 
+def test_models_shows_the_registry_families_and_video_model(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SDWORKER_MODELS", '{"fast15": {"source": "tiny-sd15", "steps": 12}}')
+    monkeypatch.setenv("DOWNLOAD_WAN2_MODEL", "true")
+    monkeypatch.setenv("SDWORKER_VIDEO_MODEL", "tiny-wan")
+    monkeypatch.setenv("COLUMNS", "200")
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    assert "fast15" in result.stdout and "steps=12" in result.stdout
+    assert "video model:   tiny-wan" in result.stdout
+    for name, family in (("tiny-sd21", "sd21"), ("tiny-sd3", "sd3"), ("tiny-wan", "wan-t2v")):
+        assert name in result.stdout and family in result.stdout
+
+
+def test_models_with_a_bad_registry_says_what_is_wrong(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SDWORKER_MODELS", '{"x": {"source": "tiny-sd15", "steps": 0}}')
+    result = run("models")
+    assert result.exit_code != 0
+    assert "model 'x': steps" in result.output
+
+
 def test_generate_with_a_lora_path_and_weighting(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from sdworker.engine.tiny import build_tiny_pipeline
     from tests.support.adapter_builders import build_tiny_lora_peft

@@ -25,7 +25,7 @@ from sdworker.options import Preset, ReferenceType, RefinerMode
 from sdworker.settings import Settings
 
 app = typer.Typer(
-    help="sdworker: self-hosted Stable Diffusion XL image generation.",
+    help="sdworker: self-hosted image and video generation (SD 1.5/2.1, SDXL, SD3, Wan2.1).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # help texts use [brackets] for defaults, not rich markup
@@ -306,7 +306,8 @@ def models(
     stdout.print(f"video model:   {video}", highlight=False)
     stdout.print(f"model root:    {settings.model_root or '(not set: SDWORKER_MODEL_ROOT)'}")
     stdout.print(f"memory budget: {settings.model_memory_budget}", highlight=False)
-    registry = load_model_registry(settings)
+    with _user_errors():
+        registry = load_model_registry(settings)
     if registry:
         table = Table("name", "family", "source", "defaults", title="model registry")
         for name, entry in registry.items():
@@ -410,8 +411,10 @@ def api(
 
     from sdworker.api.app import create_app
 
+    with _user_errors():
+        application = create_app(settings)
     stdout.print(f"sdworker API at {settings.base_url} (docs: {settings.base_url}/docs)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 
 @app.command()
