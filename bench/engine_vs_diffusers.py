@@ -21,6 +21,7 @@ from PIL import Image
 
 from sdworker.engine.arguments import pipeline_arguments
 from sdworker.engine.engine import Engine
+from sdworker.engine.inputs import prepare_inputs
 from sdworker.jobs import JobSpec
 from sdworker.settings import Settings
 
@@ -59,7 +60,9 @@ def _time(fn: Any) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny-sdxl")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path("bench/results/engine_vs_diffusers.json"))
@@ -68,7 +71,8 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    engine = Engine(Settings(model=args.model))
+    settings = Settings(model=args.model)
+    engine = Engine(settings)
     loaded = engine.load()
     # The baseline: diffusers' own pipelines on the very same modules.
     work = Path(".bench-inputs")
@@ -79,7 +83,7 @@ def main() -> None:
         spec = _spec(case, init, mask)
         plan = engine.plan(spec)
         pipe = loaded.pipelines.for_task(plan.task)
-        images = engine._prepare_inputs(plan)  # same resized inputs for the baseline
+        images = prepare_inputs(plan, settings, allow_paths=True)  # same inputs for the baseline
 
         def baseline(pipe: Any = pipe, plan: Any = plan, images: Any = images) -> None:
             with torch.inference_mode():
@@ -104,11 +108,13 @@ def main() -> None:
     print(f"model={args.model} device={engine.device} dtype={engine.dtype} repeats={args.repeats}")
     print(f"{'case':34} {'diffusers s':>12} {'sdworker s':>11} {'ratio':>7}")
     for row in rows:
-        print(f"{row['case']:34} {row['diffusers_s']:12.3f} {row['sdworker_s']:11.3f} {row['ratio']:7.3f}")
+        times = f"{row['diffusers_s']:12.3f} {row['sdworker_s']:11.3f} {row['ratio']:7.3f}"
+        print(f"{row['case']:34} {times}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
-        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "processor": platform.processor(),
         "threads": torch.get_num_threads(), "rows": rows,
     }, indent=2))  # fmt: skip
 
