@@ -24,6 +24,7 @@ from sdworker.engine.tiny_families import (
     build_sd15,
     build_sd21,
     build_wan,
+    clip_text_encoder,
 )
 from sdworker.engine.tokenizers_local import (
     CLIP_TOKENIZER_DIR,
@@ -92,25 +93,11 @@ def tiny_family(name: str) -> str:
     return TINY_FAMILIES[name]
 
 
-def _text_encoder(with_projection: bool) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+def _text_encoder(with_projection: bool, seed: int) -> Any:
+    """CLIP-L-like (quick_gelu) or OpenCLIP-bigG-like (gelu, with projection), tiny."""
     hidden = _TEXT_2_HIDDEN if with_projection else _TEXT_HIDDEN
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        hidden_act="gelu" if with_projection else "quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config).eval()
+    act = "gelu" if with_projection else "quick_gelu"
+    return clip_text_encoder(hidden, act, with_projection, seed)
 
 
 def _unet(refiner: bool) -> Any:
@@ -185,10 +172,8 @@ def _build_sdxl(refiner: bool) -> Any:
         unet = _unet(refiner)
         torch.manual_seed(1)
         vae = _vae()
-        torch.manual_seed(2)
-        text_encoder = _text_encoder(with_projection=False)
-        torch.manual_seed(3)
-        text_encoder_2 = _text_encoder(with_projection=True)
+        text_encoder = _text_encoder(with_projection=False, seed=2)
+        text_encoder_2 = _text_encoder(with_projection=True, seed=3)
     finally:
         torch.random.set_rng_state(generator_state)
     if refiner:

@@ -46,7 +46,7 @@ def _rng_restored() -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-def _clip_text(hidden: int, act: str, projection: bool, seed: int) -> Any:
+def clip_text_encoder(hidden: int, act: str, projection: bool, seed: int) -> Any:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -156,7 +156,7 @@ def build_sd15() -> Any:
     with _rng_restored():
         unet = _sd_unet(sd2=False, seed=10)
         vae = _vae(4, 512, seed=11, scaling_factor=0.18215)
-        text_encoder = _clip_text(SD15_TEXT_HIDDEN, "quick_gelu", projection=False, seed=12)
+        text_encoder = clip_text_encoder(SD15_TEXT_HIDDEN, "quick_gelu", projection=False, seed=12)
         safety_checker, feature_extractor = _safety_checker(seed=13)
     # The scheduler config of runwayml/stable-diffusion-v1-5.
     scheduler = PNDMScheduler(
@@ -188,7 +188,7 @@ def build_sd21() -> Any:
         unet = _sd_unet(sd2=True, seed=20)
         vae = _vae(4, 768, seed=21, scaling_factor=0.18215)
         # OpenCLIP-H: gelu, not CLIP-L's quick_gelu.
-        text_encoder = _clip_text(SD21_TEXT_HIDDEN, "gelu", projection=False, seed=22)
+        text_encoder = clip_text_encoder(SD21_TEXT_HIDDEN, "gelu", projection=False, seed=22)
     # The scheduler config of stabilityai/stable-diffusion-2-1 (a v-prediction model).
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -272,8 +272,8 @@ def build_sd3() -> Any:
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
-        text_encoder = _clip_text(clip_l, "quick_gelu", projection=True, seed=32)
-        text_encoder_2 = _clip_text(clip_g, "gelu", projection=True, seed=33)
+        text_encoder = clip_text_encoder(clip_l, "quick_gelu", projection=True, seed=32)
+        text_encoder_2 = clip_text_encoder(clip_g, "gelu", projection=True, seed=33)
         text_encoder_3 = _t5_encoder(False, len(tokenizer_3), SD3_T5_HIDDEN, seed=34)
     return StableDiffusion3Pipeline(
         transformer=transformer,
