@@ -286,7 +286,7 @@ def _resolve_size(spec: JobSpec, family: FamilyProfile, features: Features) -> t
 def _check_options(spec: JobSpec, family: FamilyProfile) -> None:
     """A 422 for a generation feature the model's architecture does not have."""
     asked = {
-        Option.LORAS: ("loras", bool(spec.loras)) if spec.loras else ("style", bool(spec.style)),
+        Option.LORAS: ("loras" if spec.loras else "style", bool(spec.loras or spec.style)),
         Option.PROMPT_WEIGHTING: (
             "compel_weights" if spec.compel_weights else "prompt_weighting",
             spec.weighting_enabled,

@@ -31,7 +31,13 @@ from sdworker.jobs import (
 )
 from sdworker.media import encode_image, generation_parameters, thumbnail_webp
 from sdworker.settings import Settings
-from sdworker.storage.base import Storage, content_type_of, image_key, thumbnail_key
+from sdworker.storage.base import (
+    Storage,
+    content_type_of,
+    image_key,
+    thumbnail_key,
+    video_key,
+)
 from sdworker.webhooks import TERMINAL_EVENTS, WebhookSender
 
 if TYPE_CHECKING:
@@ -399,7 +405,9 @@ class Worker:
         result = self._store(job, outcome)
         self._reliably(self._broker.complete, job.id, self.id, result)
 
-    def _store_videos(self, job: Job, outcome: EngineResult) -> tuple[list[Asset], float, float]:
+    def _store_videos(
+        self, job: Job, outcome: EngineResult
+    ) -> tuple[list[Asset], float, float, VideoInfo]:
         """MP4 (H.264, yuv420p) per video, its first frame as the 256 px WEBP poster."""
         from sdworker.video import encode_mp4, poster_webp
 
@@ -412,19 +420,13 @@ class Worker:
             data, info = encode_mp4(frames, plan.video.fps)
             poster = poster_webp(frames[0])
             encoded = time.perf_counter()
-            key = image_key(job.owner, job.id, index, "mp4")
+            key = video_key(job.owner, job.id, index)
             thumb_key = thumbnail_key(job.owner, job.id, index)
             url = self._storage.put(key, data, "video/mp4")
             thumb_url = self._storage.put(thumb_key, poster, "image/webp")
             encode_s += encoded - started
             store_s += time.perf_counter() - encoded
-            video_info = VideoInfo(
-                frames=info.frames,
-                width=info.width,
-                height=info.height,
-                fps=info.fps,
-                duration_seconds=info.duration_seconds,
-            )
+            video_info = VideoInfo.model_validate(info.as_dict())
             assets.append(
                 Asset(
                     type="video",
@@ -449,16 +451,17 @@ class Worker:
                     },
                 )
             )
-        return assets, encode_s, store_s
+        return assets, encode_s, store_s, video_info
 
     def _store(self, job: Job, outcome: EngineResult) -> JobResult:
         spec, plan = job.spec, outcome.plan
         fmt = spec.output_format.value
         encode_s = store_s = 0.0
         assets: list[Asset] = []
+        video_info = None
         pairs = list(zip(outcome.images, outcome.seeds, strict=True))
         if outcome.videos is not None:
-            assets, encode_s, store_s = self._store_videos(job, outcome)
+            assets, encode_s, store_s, video_info = self._store_videos(job, outcome)
             pairs = []
         for index, (image, seed) in enumerate(pairs):
             started = time.perf_counter()
@@ -532,11 +535,7 @@ class Worker:
             latents=latents,
             vram_used_bytes=_peak_vram_bytes(self._info.device),
             batch_jobs=outcome.batch_jobs,
-            video_info=VideoInfo.model_validate(
-                {k: assets[0].metadata[k] for k in VideoInfo.model_fields}
-            )
-            if outcome.videos
-            else None,
+            video_info=video_info,
         )
 
 

@@ -4,6 +4,7 @@ a memory budget would be passed, never two loads of one model."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -74,12 +75,6 @@ class LoadedModels(Generic[K, V]):
             self._make_room(0, keep=key)
             return model, True
 
-    def peek(self, key: K) -> V | None:
-        """The model if loaded, without touching its recency."""
-        with self._lock:
-            held = self._models.get(key)
-            return held[0] if held else None
-
     def _make_room(self, needed: int, keep: K | None = None) -> None:
         if self.budget_bytes is None:
             return
@@ -105,11 +100,6 @@ class LoadedModels(Generic[K, V]):
             log.info("unloading model %s to make room", self._name_of(key))
             if self._on_unload is not None:
                 self._on_unload(key, held[0])
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._models):
-                self.unload(key)
 
     @property
     def used_bytes(self) -> int:
@@ -157,7 +147,5 @@ def default_budget(device: torch.device) -> int:
     memory on the CPU and MPS (which share it with everything else)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * 0.85)
-    import os
-
     pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     return int(pages * page_size * 0.5)

@@ -25,6 +25,7 @@ from sdworker.engine.tiny_families import (
     build_sd21,
     build_wan,
     clip_text_encoder,
+    tiny_vae,
 )
 from sdworker.engine.tokenizers_local import (
     CLIP_TOKENIZER_DIR,
@@ -125,25 +126,6 @@ def _unet(refiner: bool) -> Any:
     ).eval()
 
 
-def _vae() -> Any:
-    from diffusers import AutoencoderKL
-
-    # Four blocks: three downsamplings, so latents are 1/8 of the image like SDXL's.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    ).eval()
-
-
 def _scheduler() -> Any:
     from diffusers import EulerDiscreteScheduler
 
@@ -170,8 +152,7 @@ def _build_sdxl(refiner: bool) -> Any:
     try:
         torch.manual_seed(0)
         unet = _unet(refiner)
-        torch.manual_seed(1)
-        vae = _vae()
+        vae = tiny_vae(4, 1024, seed=1, scaling_factor=0.13025, force_upcast=True)
         text_encoder = _text_encoder(with_projection=False, seed=2)
         text_encoder_2 = _text_encoder(with_projection=True, seed=3)
     finally:

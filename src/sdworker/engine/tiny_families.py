@@ -68,7 +68,7 @@ def clip_text_encoder(hidden: int, act: str, projection: bool, seed: int) -> Any
     return cls(config).eval()
 
 
-def _vae(latent_channels: int, sample_size: int, seed: int, **factors: Any) -> Any:
+def tiny_vae(latent_channels: int, sample_size: int, seed: int, **factors: Any) -> Any:
     import torch
     from diffusers import AutoencoderKL
 
@@ -155,7 +155,7 @@ def build_sd15() -> Any:
 
     with _rng_restored():
         unet = _sd_unet(sd2=False, seed=10)
-        vae = _vae(4, 512, seed=11, scaling_factor=0.18215)
+        vae = tiny_vae(4, 512, seed=11, scaling_factor=0.18215)
         text_encoder = clip_text_encoder(SD15_TEXT_HIDDEN, "quick_gelu", projection=False, seed=12)
         safety_checker, feature_extractor = _safety_checker(seed=13)
     # The scheduler config of runwayml/stable-diffusion-v1-5.
@@ -186,7 +186,7 @@ def build_sd21() -> Any:
 
     with _rng_restored():
         unet = _sd_unet(sd2=True, seed=20)
-        vae = _vae(4, 768, seed=21, scaling_factor=0.18215)
+        vae = tiny_vae(4, 768, seed=21, scaling_factor=0.18215)
         # OpenCLIP-H: gelu, not CLIP-L's quick_gelu.
         text_encoder = clip_text_encoder(SD21_TEXT_HIDDEN, "gelu", projection=False, seed=22)
     # The scheduler config of stabilityai/stable-diffusion-2-1 (a v-prediction model).
@@ -263,7 +263,7 @@ def build_sd3() -> Any:
             pooled_projection_dim=clip_l + clip_g,  # the two pooled CLIP outputs
             pos_embed_max_size=192,  # SD3 medium's: room for sizes up to 3072 px
         ).eval()
-        vae = _vae(
+        vae = tiny_vae(
             16,
             1024,
             seed=31,
