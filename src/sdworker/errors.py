@@ -54,3 +54,9 @@ class JobConflictError(SdworkerError):
     """The request conflicts with the job's state or an earlier request (idempotency)."""
 
     code = "conflict"
+
+
+class ConfigError(SdworkerError):
+    """The settings cannot work together (e.g. two dialects mounted on one route)."""
+
+    code = "invalid_settings"

@@ -65,6 +65,13 @@ class Priority(StrEnum):
         return {"urgent": 3, "high": 2, "normal": 1, "low": 0}[self.value]
 
 
+class WebhookFormat(StrEnum):
+    """The body a job's webhook gets: sdworker's own, or a replaced system's."""
+
+    NATIVE = "native"
+    EDGE = "edge"  # the edge-function worker's job-callback (api/dialects/edge.py)
+
+
 class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
@@ -202,6 +209,11 @@ class JobSpec(BaseModel):
     )
     webhook_progress: bool = Field(
         default=False, description="Also POST progress events to the webhook (throttled)."
+    )
+    webhook_format: WebhookFormat = Field(
+        default=WebhookFormat.NATIVE,
+        description="native, or edge: the edge-function worker's callback body (set by that "
+        "dialect).",
     )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Echoed back; metadata.user_id owns the assets."
@@ -383,6 +395,7 @@ BATCH_VARYING_FIELDS = frozenset(
         "return_latents",
         "webhook",
         "webhook_progress",
+        "webhook_format",
         "metadata",
     }
 )

@@ -7,6 +7,7 @@ the systems sdworker replaces already set one, that name too (`SDXL_MODEL_ROOT`,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,21 @@ Switch = Literal["auto", "on", "off"]
 CompileMode = Literal["auto", "off", "regional", "full"]
 
 DEFAULT_MODEL = "tiny-sdxl"
+
+# Where each dialect (api/dialects/) is mounted unless SDWORKER_DIALECTS says otherwise.
+# "" is the root. The two that both want POST /generate (lcm, dream) and the ones with a
+# /health or /status of their own get prefixes, so every default is reachable at once.
+DIALECT_DEFAULT_PREFIXES: dict[str, str] = {
+    "a1111": "",
+    "openai": "",
+    "runpod": "/runpod",
+    "edge": "/edge",
+    "lcm": "/lcm",
+    "dream": "/dream",
+    "candle": "/candle",
+}
+DIALECT_OFF = "off"
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
 
 
 def _env(name: str, *aliases: str) -> AliasChoices:
@@ -498,6 +514,13 @@ class Settings(BaseSettings):
         validation_alias=_env("RUN_WORKER"),
         description="serve: start and supervise a worker process next to the API.",
     )
+    dialects: dict[str, str] = Field(
+        default_factory=dict,
+        validation_alias=_env("DIALECTS"),
+        description='Where the other APIs are mounted, as JSON: {"lcm": "/", "dream": "off"}; '
+        '"/" is the root, "off" turns one off. Defaults: a1111 and openai at the root, '
+        "runpod /runpod, edge /edge, lcm /lcm, dream /dream, candle /candle.",
+    )
 
     @property
     def compile_cache_path(self) -> Path:
@@ -547,6 +570,92 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         raw = self.api_keys.get_secret_value()
         return [key.strip() for key in raw.split(",") if key.strip()]
+
+    edge_queue_url: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=_env("EDGE_QUEUE_URL", "UPSTASH_REDIS_URL"),
+        description="edge dialect: redis:// or rediss:// (TLS, e.g. Upstash) URL of the Redis "
+        "whose list an external producer pushes jobs to; empty: no list consumer.",
+    )
+    edge_queue: str = Field(
+        default="sdxl_queue",
+        validation_alias=_env("EDGE_QUEUE"),
+        description="edge dialect: the Redis list the producer LPUSHes job payloads to.",
+    )
+    edge_poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        validation_alias=_env("EDGE_POLL_INTERVAL_S"),
+        description="edge dialect: how often the list is polled when it was empty.",
+    )
+    supabase_url: str | None = Field(
+        default=None,
+        validation_alias=_env("SUPABASE_URL", "SUPABASE_URL"),
+        description="edge dialect: callbacks go to SUPABASE_URL/functions/v1/job-callback "
+        "unless SDWORKER_EDGE_CALLBACK_URL is set.",
+    )
+    edge_callback_url: str | None = Field(
+        default=None,
+        validation_alias=_env("EDGE_CALLBACK_URL"),
+        description="edge dialect: where job callbacks (that system's format) are POSTed.",
+    )
+    edge_callback_token: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=_env(
+            "EDGE_CALLBACK_TOKEN", "SUPABASE_SERVICE_KEY", "SUPABASE_SERVICE_ROLE_KEY"
+        ),
+        description="edge dialect: sent as `Authorization: Bearer <token>` with callbacks "
+        "(the edge function checks it), besides the webhook signature.",
+    )
+    edge_asset_urls: Literal["url", "key"] = Field(
+        default="url",
+        validation_alias=_env("EDGE_ASSET_URLS"),
+        description="edge dialect: assets' url in callbacks: a full URL, or the storage key "
+        "({user_id}/{job_id}/{i}.png, bucket-relative as the replaced worker sent).",
+    )
+    worker_id: str | None = Field(
+        default=None,
+        max_length=128,
+        validation_alias=_env("WORKER_ID", "WORKER_ID"),
+        description="The worker's id (serve and worker); generated when empty.",
+    )
+    orchestrator_url: str | None = Field(
+        default=None,
+        validation_alias=_env("ORCHESTRATOR_URL", "CALLBACK_URL"),
+        description="candle dialect: URL the worker registers with at startup and sends "
+        "heartbeats to (sd-worker-rbee's --callback-url).",
+    )
+
+    @property
+    def edge_callback_target(self) -> str | None:
+        """Where edge callbacks go: the explicit URL, else the Supabase job-callback."""
+        if self.edge_callback_url:
+            return self.edge_callback_url
+        if self.supabase_url:
+            return self.supabase_url.rstrip("/") + "/functions/v1/job-callback"
+        return None
+
+    @field_validator("dialects")
+    @classmethod
+    def _check_dialects(cls, value: dict[str, str]) -> dict[str, str]:
+        checked = {}
+        for name, where in value.items():
+            if name not in DIALECT_DEFAULT_PREFIXES:
+                known = ", ".join(DIALECT_DEFAULT_PREFIXES)
+                raise ValueError(f"dialects: unknown dialect {name!r}; known: {known}")
+            prefix = where.strip()
+            if prefix != DIALECT_OFF:
+                prefix = prefix.rstrip("/")
+                if not _PREFIX_RE.match(prefix) or not where.strip().startswith("/"):
+                    raise ValueError(f'dialects.{name}: {where!r} is not "/", "/a/prefix" or "off"')
+            checked[name] = prefix
+        return checked
+
+    @property
+    def dialect_prefixes(self) -> dict[str, str]:
+        """The mounted dialects and their prefixes ("" = root), off ones left out."""
+        merged = DIALECT_DEFAULT_PREFIXES | self.dialects
+        return {name: prefix for name, prefix in merged.items() if prefix != DIALECT_OFF}
 
     @field_validator("broker")
     @classmethod

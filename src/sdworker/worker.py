@@ -195,6 +195,8 @@ class Worker:
             return []
         names: list[str] = loaded_models()
         self._info.models_loaded = names
+        refiner_loaded = getattr(self._engine, "refiner_loaded", None)
+        self._info.refiner_loaded = bool(refiner_loaded and refiner_loaded())
         return [*names, ""] if self._settings.model in names else names
 
     def _gather(self, first: Job) -> list[Job]:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from sdworker import __version__
+from sdworker.api.dialects import mount_dialects
 from sdworker.api.errors import install_error_handlers
 from sdworker.api.metrics import build_metrics
 from sdworker.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -59,18 +60,21 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
     app = FastAPI(
         title="sdworker",
         version=__version__,
-        description="Self-hosted Stable Diffusion XL generation: submit jobs, follow "
-        "progress over SSE, fetch PNGs and WEBP thumbnails.",
+        description="Self-hosted diffusion generation: submit jobs, follow progress over "
+        "SSE, fetch PNGs and WEBP thumbnails. Also speaks AUTOMATIC1111, OpenAI Images, "
+        "RunPod and the protocols of the services it replaces (see the dialect tags).",
         lifespan=lifespan,
     )
     app.state.services = services
     install_error_handlers(app)
-    app.include_router(jobs.router)
-    app.include_router(assets.router)
-    app.include_router(system.router)
-    app.include_router(catalog.router)
+    native = [jobs.router, assets.router, system.router, catalog.router]
+    for router in native:
+        app.include_router(router)
+    paths = mount_dialects(app, settings, native)
+    # Health checks stay open: the native one and the dialects' own (under their prefix).
+    open_paths = frozenset(path for path in paths if path.endswith("/health"))
     # Added last = outermost: metrics see every response, auth runs before body reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, open_paths=open_paths)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
     return app

@@ -6,6 +6,8 @@ untouched and the body limit also holds for chunked uploads without Content-Leng
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
 import time
@@ -75,21 +77,22 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Every route but /health needs `Authorization: Bearer <key>` when keys are set."""
+    """Every route but the health checks needs an API key when keys are set. The key is
+    read as `Authorization: Bearer <key>` (native, OpenAI, RunPod) or as HTTP Basic with
+    the key as password (AUTOMATIC1111 clients such as webuiapi's set_auth)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app, self.keys = app, [key.encode() for key in keys]
+    def __init__(
+        self, app: ASGIApp, keys: list[str], open_paths: frozenset[str] = OPEN_PATHS
+    ) -> None:
+        self.app, self.keys, self.open_paths = app, [key.encode() for key in keys], open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        valid = scheme.lower() == b"bearer" and any(
-            secrets.compare_digest(token.strip(), key) for key in self.keys
-        )
-        if not valid:
+        tokens = _tokens(header)
+        if not any(secrets.compare_digest(token, key) for token in tokens for key in self.keys):
             body = {
                 "error": {
                     "code": "unauthorized",
@@ -99,6 +102,20 @@ class ApiKeyMiddleware:
             await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)
+
+
+def _tokens(header: bytes) -> list[bytes]:
+    """The API key candidates of an Authorization header."""
+    scheme, _, rest = header.strip().partition(b" ")
+    if scheme.lower() == b"bearer":
+        return [rest.strip()]
+    if scheme.lower() == b"basic":
+        try:
+            decoded = base64.b64decode(rest.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return []
+        return [decoded.partition(b":")[2]]
+    return []
 
 
 class MetricsMiddleware:

@@ -36,6 +36,9 @@ class WorkerInfo(BaseModel):
         description="Models this worker holds loaded, least recently used first.",
     )
     memory_budget_bytes: int | None = None
+    refiner_loaded: bool = Field(
+        default=False, description="A loaded model holds its refiner (loaded on first use)."
+    )
     current_job: str | None = None
     batch_jobs: list[str] = Field(
         default_factory=list, description="Every job of the batch being run (cross-job batching)."

@@ -207,6 +207,10 @@ class Engine:
         """Names of the loaded models, least recently used first."""
         return [source.name for source in self._models.keys()]  # noqa: SIM118 (a method)
 
+    def refiner_loaded(self) -> bool:
+        """Whether a loaded model holds its refiner (loaded with the first job using it)."""
+        return any(loaded.refiner is not None for loaded in self._models.values())
+
     def _unloaded(self, source: ModelSource, loaded: LoadedModel) -> None:
         self._ip_adapter.forget_if(loaded.pipelines.base)
         gc.collect()

@@ -114,6 +114,10 @@ class LoadedModels(Generic[K, V]):
         with self._lock:
             return list(self._models)
 
+    def values(self) -> list[V]:
+        with self._lock:
+            return [value for value, _ in self._models.values()]
+
 
 def module_bytes(*objects: Any) -> int:
     """Bytes of the parameters and buffers of the torch modules among `objects` (and of

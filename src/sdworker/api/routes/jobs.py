@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from sdworker.api import jobflow
 from sdworker.api.deps import ServicesDep
+from sdworker.api.jobflow import asset_bytes, enqueue_job, submit, wait_for
 from sdworker.api.services import Services
-from sdworker.api.validation import validate_job
 from sdworker.errors import JobConflictError
 from sdworker.jobs import EventType, Job, JobEvent, JobSpec, JobStatus
 
@@ -57,17 +55,12 @@ def _links(request: Request, job_id: str) -> JobLinks:
     return JobLinks(job=job_url, events=f"{job_url}/events", cancel=job_url)
 
 
-def _enqueue(spec: JobSpec, services: Services, key: str | None) -> tuple[Job, bool]:
-    validate_job(spec, services)
-    return services.broker.enqueue(spec, idempotency_key=key)
-
-
 @router.post("/jobs", status_code=202, response_model=JobAccepted)
 def submit_job(
     spec: JobSpec, request: Request, services: ServicesDep, idempotency_key: IdempotencyKey = None
 ) -> JobAccepted:
     """Queue a generation job; follow it at `urls.events` (SSE) or `urls.job`."""
-    job, created = _enqueue(spec, services, idempotency_key)
+    job, created = enqueue_job(spec, services, idempotency_key)
     return JobAccepted(
         id=job.id,
         status=job.status,
@@ -123,26 +116,8 @@ async def job_events(
 async def _event_stream(
     services: Services, job_id: str, after: int
 ) -> AsyncIterator[ServerSentEvent]:
-    broker = services.broker
-    while True:
-        # Blocks up to a second for the next event (Redis: XREAD BLOCK; SQLite: polls).
-        # Waits run on a thread pool of their own, so open streams never starve the
-        # request handlers of threads.
-        events = await anyio.to_thread.run_sync(
-            broker.wait_for_events, job_id, after, 1.0, limiter=services.stream_limiter
-        )
-        for event in events:
-            after = event.id
-            yield _sse(event)
-            if event.type.is_terminal():
-                return
-        if not events:
-            job = await run_in_threadpool(broker.get, job_id)
-            if job.status.is_terminal():
-                # It may have ended between the wait and this read: send what is left.
-                for event in await run_in_threadpool(broker.events, job_id, after):
-                    yield _sse(event)
-                return
+    async for event in jobflow.job_events(services, job_id, after):
+        yield _sse(event)
 
 
 def _sse(event: JobEvent) -> ServerSentEvent:
@@ -166,24 +141,21 @@ async def generate(
     """Submit and wait for the result (up to SDWORKER_SYNC_TIMEOUT_S). With
     `Accept: image/png` (or another image type) the first image's bytes come back, the
     seed in `X-Seed`. A client that disconnects cancels its job."""
-    job, _ = await run_in_threadpool(_enqueue, spec, services, None)
-    deadline = time.monotonic() + services.settings.sync_timeout_s
-    while not job.status.is_terminal():
-        if await request.is_disconnected():
-            await run_in_threadpool(services.broker.cancel, job.id)
-            return Response(status_code=499)
-        if time.monotonic() > deadline:
-            return JSONResponse(
-                job.model_dump(mode="json"),
-                status_code=202,
-                headers={"Location": str(request.url_for("get_job", job_id=job.id))},
-            )
-        await asyncio.sleep(services.settings.poll_interval_s)
-        job = await run_in_threadpool(services.broker.get, job.id)
+    job = await submit(spec, services)
+    waited = await wait_for(services, job, request=request)
+    job = waited.job
+    if waited.disconnected:
+        return Response(status_code=499)
+    if not waited.finished:
+        return JSONResponse(
+            job.model_dump(mode="json"),
+            status_code=202,
+            headers={"Location": str(request.url_for("get_job", job_id=job.id))},
+        )
     wants_image = accept is not None and "image/" in accept and "json" not in accept
     if wants_image and job.status is JobStatus.SUCCEEDED and job.result and job.result.assets:
         asset = job.result.assets[0]
-        stored = await run_in_threadpool(services.storage.get, asset.key)
         headers = {"X-Seed": str(job.result.seeds[0]), "X-Job-Id": job.id}
-        return Response(stored.data, media_type=stored.content_type, headers=headers)
+        data = await asset_bytes(services, asset)
+        return Response(data, media_type=asset.content_type, headers=headers)
     return JSONResponse(job.model_dump(mode="json"))

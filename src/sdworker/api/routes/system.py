@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from sdworker.api.deps import ServicesDep
 from sdworker.api.services import Services
@@ -26,11 +26,20 @@ HealthStatus = Literal["healthy", "starting", "unhealthy"]
 
 
 class Health(BaseModel):
+    """Readiness. Besides sdworker's own fields it carries those that the health checks
+    of the replaced services read (candle SD worker, Dream AI service), so their
+    monitors work unchanged against the root /health."""
+
     status: HealthStatus
     model_loaded: bool
     device: str | None
     worker_id: str | None
     uptime_seconds: float
+    model_version: str | None = Field(description="The model the worker serves.")
+    pipeline_loaded: bool = Field(description="Same as model_loaded (Dream AI's name).")
+    refiner_loaded: bool = Field(description="A live worker holds the refiner in memory.")
+    gpu_available: bool = Field(description="A live worker runs on a CUDA device.")
+    gpu_count: int = Field(description="CUDA devices of the live workers (host, device).")
 
 
 def _live_workers(services: Services, workers: list[WorkerInfo]) -> list[WorkerInfo]:
@@ -97,7 +106,7 @@ def _models(services: Services, workers: list[WorkerInfo]) -> list[dict[str, Any
     return [_model_entry(services, name, workers) for name in model_names(services)]
 
 
-def _health(services: Services) -> Health:
+def health_report(services: Services) -> Health:
     uptime = time.monotonic() - services.started_at
     live = _live_workers(services, services.broker.workers())
     supervisor = services.supervisor
@@ -110,19 +119,26 @@ def _health(services: Services) -> Health:
         status = "starting"
     else:
         status = "unhealthy"
+    gpus = {(w.host, w.device) for w in live if w.device.startswith("cuda")}
+    loaded = bool(worker and worker.model_loaded)
     return Health(
         status=status,
-        model_loaded=bool(worker and worker.model_loaded),
+        model_loaded=loaded,
         device=worker.device if worker else None,
         worker_id=worker.id if worker else None,
         uptime_seconds=round(uptime, 3),
+        model_version=worker.model if worker else None,
+        pipeline_loaded=loaded,
+        refiner_loaded=any(w.refiner_loaded for w in live),
+        gpu_available=bool(gpus),
+        gpu_count=len(gpus),
     )
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 def health(services: ServicesDep) -> JSONResponse:
     """Ready when a worker has its model loaded; 503 while starting or unhealthy."""
-    report = _health(services)
+    report = health_report(services)
     return JSONResponse(
         report.model_dump(mode="json"), status_code=200 if report.status == "healthy" else 503
     )
@@ -131,6 +147,11 @@ def health(services: ServicesDep) -> JSONResponse:
 @router.get("/status")
 def status(services: ServicesDep) -> dict[str, Any]:
     """What this deployment serves and how busy it is."""
+    return status_report(services)
+
+
+def status_report(services: Services) -> dict[str, Any]:
+    """The /status body (the edge dialect serves it under its prefix too)."""
     settings = services.settings
     stats = services.broker.stats()
     family = services.family_of(None)
@@ -148,6 +169,10 @@ def status(services: ServicesDep) -> dict[str, Any]:
         },
         "schedulers": scheduler_names(),
         "tasks": sorted(task.value for task in family.tasks),
+        # The edge-function worker's fields (LUSTIFY SDXL): what its dispatcher reads.
+        "batch_support": True,
+        "quality_tiers": [Preset.SDXL_IMAGE_FAST.value, Preset.SDXL_IMAGE_HIGH.value],
+        "i2i_pipeline": "img2img" in {task.value for task in family.tasks},
         # The replaced worker's field: its two quality tiers and their steps.
         "quality_presets": {
             p.value: PRESETS[p].steps for p in (Preset.SDXL_IMAGE_FAST, Preset.SDXL_IMAGE_HIGH)
