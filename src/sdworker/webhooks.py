@@ -4,6 +4,8 @@ secret, so secrets can be rotated). Retries with exponential backoff and jitter 
 network errors, 5xx, 408 and 429 (honouring Retry-After); redirects are never followed;
 targets pass the same address guard as input URLs. Deliveries run on a small thread pool,
 never on the generation loop, and every attempt's outcome is recorded on the job.
+The body is sdworker's own, or the edge-function worker's job-callback (plus its bearer
+token) for jobs whose spec.webhook_format is edge (bodies in webhook_payloads.py).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import httpx
 from standardwebhooks import Webhook
 
 from sdworker.broker.base import Broker
-from sdworker.jobs import EventType, Job, JobStatus, WebhookAttempt
+from sdworker.jobs import EventType, Job, JobStatus, WebhookAttempt, WebhookFormat
 from sdworker.netguard import AddressPolicy, UnsafeUrlError, request_extensions
 from sdworker.settings import Settings
+from sdworker.webhook_payloads import edge_payload_for, payload_for
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +58,6 @@ def signature_header(secrets: list[str], message_id: str, timestamp: int, body: 
     return " ".join(
         Webhook(_secret_bytes(secret)).sign(message_id, moment, body) for secret in secrets
     )
-
-
-def payload_for(job: Job, event: EventType) -> dict[str, Any]:
-    """What a receiver gets: the job's outcome, assets and job metadata."""
-    result = job.result
-    assets = [
-        {
-            "type": asset.type,
-            "url": asset.url,
-            "thumbnail_url": asset.thumbnail_url,
-            "metadata": asset.metadata,
-        }
-        for asset in (result.assets if result else [])
-    ]
-    return {
-        "type": f"job.{event.value}",
-        "job_id": job.id,
-        "worker_id": job.worker_id,
-        "status": job.status.value,
-        "progress": job.progress.model_dump(),
-        "assets": assets,
-        "error": job.error.model_dump() if job.error else None,
-        "metadata": {
-            "processing_time": result.timings.total_s if result else None,
-            "timings": result.timings.model_dump() if result else None,
-            "batch_size": job.spec.num_images,
-            "vram_used": result.vram_used_bytes if result else None,
-            "seeds": result.seeds if result else [],
-            "model": result.model if result else job.spec.model,
-            "caller": job.metadata,
-        },
-    }
 
 
 def retry_delay(attempt: int, retry_after: str | None, base_s: float) -> float:
@@ -132,26 +103,47 @@ class WebhookSender:
         self._lock = threading.Lock()
 
     def target_of(self, job: Job) -> str | None:
+        if job.spec.webhook_format is WebhookFormat.EDGE:
+            return job.spec.webhook or self._settings.edge_callback_target
         return job.spec.webhook or self._settings.webhook_url
 
     def notify(self, job: Job, event: EventType) -> None:
         """Queue a delivery for a job event: terminal events always, progress events only
-        when the job asked for them, at most every webhook_progress_interval_s."""
+        when the job asked for them, at most every webhook_progress_interval_s. Edge-format
+        jobs get that system's job-callback body, terminal events only."""
         url = self.target_of(job)
         if not url:
             return
+        edge = job.spec.webhook_format is WebhookFormat.EDGE
         if event is EventType.PROGRESS:
-            if not job.spec.webhook_progress or not self._progress_due(job.id):
+            if edge or not job.spec.webhook_progress or not self._progress_due(job.id):
                 return
         elif event.is_terminal():
             with self._lock:
                 self._last_progress.pop(job.id, None)
-        body = json.dumps(payload_for(job, event), separators=(",", ":"))
+        payload = edge_payload_for(job, self._settings) if edge else payload_for(job, event)
+        body = json.dumps(payload, separators=(",", ":"))
         message_id = f"{job.id}.{event.value}"
         if event is EventType.PROGRESS:
             message_id += f".{job.progress.step}"
+        headers = self._edge_headers() if edge else {}
         lane = self._lanes[zlib.crc32(job.id.encode()) % LANES]
-        lane.submit(self._deliver, job.id, event, url, message_id, body)
+        lane.submit(self._deliver, job.id, event, url, message_id, body, headers)
+
+    def send_edge(self, url: str, message_id: str, payload: dict[str, Any]) -> None:
+        """Deliver an edge job-callback body that belongs to no job (a queued payload
+        refused before it became one): signed and retried like job webhooks, its
+        attempts only logged."""
+        body = json.dumps(payload, separators=(",", ":"))
+        lane = self._lanes[zlib.crc32(message_id.encode()) % LANES]
+        lane.submit(
+            self._deliver, None, EventType.FAILED, url, message_id, body, self._edge_headers()
+        )
+
+    def _edge_headers(self) -> dict[str, str]:
+        """The edge system's job-callback checks a bearer token (its service key)."""
+        token = self._settings.edge_callback_token.get_secret_value()
+        return {"authorization": f"Bearer {token}"} if token else {}
 
     def notify_ended(self, job_ids: list[str]) -> None:
         """Webhooks for jobs that a reclaim may have ended (failed after their last
@@ -193,12 +185,20 @@ class WebhookSender:
         for lane in self._lanes:
             lane.shutdown(wait=False, cancel_futures=True)
 
-    def _deliver(self, job_id: str, event: EventType, url: str, message_id: str, body: str) -> None:
+    def _deliver(
+        self,
+        job_id: str | None,
+        event: EventType,
+        url: str,
+        message_id: str,
+        body: str,
+        headers: dict[str, str],
+    ) -> None:
         """One delivery with its retries; the same webhook-id on every attempt."""
         try:
             for attempt in range(1, self._settings.webhook_max_attempts + 1):
-                record, retry_after = self._attempt(url, message_id, body, attempt, event)
-                self._record(job_id, record)
+                record, retry_after = self._attempt(url, message_id, body, attempt, event, headers)
+                self._record(job_id, message_id, record)
                 if record.delivered or not record.retryable:
                     return
                 if attempt < self._settings.webhook_max_attempts:
@@ -208,14 +208,24 @@ class WebhookSender:
         except Exception:  # a delivery bug must never take the worker down
             log.exception("webhook delivery for job %s failed", job_id)
 
-    def _record(self, job_id: str, record: WebhookAttempt) -> None:
+    def _record(self, job_id: str | None, message_id: str, record: WebhookAttempt) -> None:
+        if job_id is None:  # no job to keep it on
+            log_attempt = log.info if record.delivered else log.warning
+            log_attempt("webhook %s attempt %s: %s", message_id, record.attempt, record.error)
+            return
         try:
             self._broker.record_webhook_attempt(job_id, record)
         except Exception:
             log.exception("could not record a webhook attempt of job %s", job_id)
 
     def _attempt(
-        self, url: str, message_id: str, body: str, attempt: int, event: EventType
+        self,
+        url: str,
+        message_id: str,
+        body: str,
+        attempt: int,
+        event: EventType,
+        extra_headers: dict[str, str],
     ) -> tuple[WebhookAttempt, str | None]:
         started = time.monotonic()
         timestamp = int(time.time())
@@ -240,6 +250,7 @@ class WebhookSender:
             "host": target.host_header,
             "webhook-id": message_id,
             "webhook-timestamp": str(timestamp),
+            **extra_headers,
         }
         if self._secrets:
             headers["webhook-signature"] = signature_header(

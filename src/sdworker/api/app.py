@@ -10,12 +10,14 @@ from fastapi import FastAPI
 
 from sdworker import __version__
 from sdworker.api.dialects import mount_dialects
+from sdworker.api.dialects.edge import queue_handler
 from sdworker.api.errors import install_error_handlers
 from sdworker.api.metrics import build_metrics
 from sdworker.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from sdworker.api.routes import assets, catalog, jobs, system
 from sdworker.api.services import Services
 from sdworker.backends import build_broker, build_storage
+from sdworker.edge_queue import EdgeQueueConsumer
 from sdworker.loras import LoraLibrary
 from sdworker.model_registry import load_model_registry
 from sdworker.settings import Settings
@@ -48,9 +50,12 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
                 settings, broker, on_reclaimed=services.webhooks.notify_ended
             )
             services.supervisor.start()
+        edge_queue = _edge_queue(services)
         try:
             yield
         finally:
+            if edge_queue is not None:
+                edge_queue.stop()
             if services.supervisor is not None:
                 log.info("draining the worker (up to %ss)", settings.drain_timeout_s)
                 services.supervisor.stop()
@@ -78,3 +83,12 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, open_paths=open_paths)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
     return app
+
+
+def _edge_queue(services: Services) -> EdgeQueueConsumer | None:
+    """The consumer of the edge system's Redis list, when SDWORKER_EDGE_QUEUE_URL is set."""
+    if not services.settings.edge_queue_url.get_secret_value():
+        return None
+    consumer = EdgeQueueConsumer(services.settings, queue_handler(services))
+    consumer.start()
+    return consumer

@@ -9,14 +9,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from sdworker.broker.base import Broker
+from sdworker.broker.base import Broker, BrokerStats
+
+MetricFamily = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
 
 
 class BrokerCollector(Collector):
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    def collect(self) -> Iterator[MetricFamily]:
         stats = self._broker.stats()
         depth = GaugeMetricFamily(
             "sdworker_queue_depth", "Queued jobs per priority", labels=["priority"]
@@ -37,13 +39,9 @@ class BrokerCollector(Collector):
         for code, count in stats.errors_by_code.items():
             errors.add_metric([code], count)
         yield errors
-        durations = HistogramMetricFamily(
-            "sdworker_job_duration_seconds", "Job time from submit to completion"
+        yield _durations(
+            stats, "sdworker_job_duration_seconds", "Job time from submit to completion"
         )
-        buckets = [(bound, float(count)) for bound, count in stats.duration_buckets.items()]
-        buckets.append(("+Inf", float(stats.duration_count)))
-        durations.add_metric([], buckets, sum_value=stats.duration_sum_s)
-        yield durations
         vram = GaugeMetricFamily(
             "sdworker_gpu_memory_used_bytes", "GPU memory held by each worker", labels=["worker"]
         )
@@ -51,6 +49,30 @@ class BrokerCollector(Collector):
             if worker.vram_used_bytes is not None:
                 vram.add_metric([worker.id], worker.vram_used_bytes)
         yield vram
+        yield from dream_metrics(stats)
+
+
+def _durations(stats: BrokerStats, name: str, documentation: str) -> HistogramMetricFamily:
+    """The finished jobs' durations (submit to completion) as a histogram."""
+    durations = HistogramMetricFamily(name, documentation)
+    buckets = [(bound, float(count)) for bound, count in stats.duration_buckets.items()]
+    buckets.append(("+Inf", float(stats.duration_count)))
+    durations.add_metric([], buckets, sum_value=stats.duration_sum_s)
+    return durations
+
+
+def dream_metrics(stats: BrokerStats) -> Iterator[MetricFamily]:
+    """The metrics the Dream AI service's docs name, unlabelled as there: every job
+    accepted (queued, running or finished), finished-job durations, failed jobs."""
+    accepted = sum(stats.queued.values()) + stats.running + sum(stats.finished.values())
+    # CounterMetricFamily adds the _total suffix: image_generation_requests_total.
+    yield CounterMetricFamily(
+        "image_generation_requests", "Total generation requests", value=accepted
+    )
+    yield _durations(stats, "image_generation_duration_seconds", "Generation duration")
+    yield CounterMetricFamily(
+        "image_generation_errors", "Generation errors", value=stats.finished.get("failed", 0)
+    )
 
 
 def build_metrics(broker: Broker) -> tuple[CollectorRegistry, Counter, Histogram]:
