@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +24,7 @@ from typer.testing import CliRunner
 
 from sdworker.cli import app
 from tests.conftest import gradient_image, half_mask
+from tests.service.test_webhooks import Receiver
 
 
 @pytest.fixture
@@ -291,3 +305,175 @@ def test_feature_errors_are_one_line(run, tmp_path: Path, args: list[str], messa
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- candle-worker (sd-worker-rbee's command line) ----------------------------------------
+
+
+def test_candle_worker_help_lists_the_original_options(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("candle-worker", "--help")
+    assert result.exit_code == 0
+    for option in (
+        "--worker-id",
+        "--sd-version",
+        "--port",
+        "--callback-url",
+        "--cuda-device",
+        "--use-f16",
+        "--use-flash-attn",
+        "--model-path",
+        "--host",
+        "--heartbeat-interval",
+    ):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        ("v9", "Unknown SD version: v9. Supported: v1-5, v2-1, xl, turbo"),
+        ("xl-inpaint", "inpaint-only checkpoints are not supported yet; use v1-5, v2-1, xl, turbo"),
+    ],
+)
+def test_candle_worker_refuses_an_sd_version_it_cannot_serve(
+    run, version: str, message: str
+) -> None:  # type: ignore[no-untyped-def]
+    result = run("candle-worker", "--worker-id", "w1", "--sd-version", version)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _bodies(receiver: Receiver) -> list[dict[str, Any]]:
+    """The JSON bodies the receiver got, each with the path it was POSTed to."""
+    return [{"path": call["path"], **json.loads(call["body"])} for call in list(receiver.calls)]
+
+
+def _wait_for_body(receiver: Receiver, check: Callable[[dict[str, Any]], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not any(check(body) for body in _bodies(receiver)):
+        assert time.monotonic() < deadline, _bodies(receiver)[-3:]
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is pid (the supervised worker runs in a session of its own)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if entry.name.isdigit() and int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def _stop(process: subprocess.Popen[bytes], children: set[int]) -> None:
+    """SIGTERM (drain), then SIGKILL; then any worker it left behind."""
+    if process.poll() is None:
+        children |= _children(process.pid)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+    for pid in children:
+        if _alive(pid) and b"sdworker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_candle_worker_registers_serves_at_the_root_and_sends_heartbeats(
+    cache_dir: Path, tiny_folder: Path, tmp_path: Path
+) -> None:
+    from httpx_sse import connect_sse
+
+    receiver = Receiver()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("SDWORKER_")
+        and key not in {"WORKER_ID", "SD_VERSION", "PORT", "CALLBACK_URL", "MODEL_PATH"}
+    }
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "SDWORKER_DATA_DIR": str(tmp_path / "data"),
+        "SDWORKER_CACHE_DIR": str(cache_dir),
+        "SDWORKER_HEARTBEAT_INTERVAL_S": "0.5",
+        "SDWORKER_PROGRESS_INTERVAL_S": "0",
+        "SDWORKER_POLL_INTERVAL_S": "0.05",
+        "SDWORKER_DRAIN_TIMEOUT_S": "10",
+    }
+    command = [
+        sys.executable, "-m", "sdworker", "candle-worker", "--worker-id", "w7",
+        "--sd-version", "xl", "--model-path", "tiny-sdxl", "--port", str(port),
+        "--callback-url", f"{receiver.url}/hive/workers", "--heartbeat-interval", "0.5",
+    ]  # fmt: skip
+    log_path = tmp_path / "candle.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+        )
+    children: set[int] = set()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            children |= _children(process.pid)
+            with contextlib.suppress(httpx.TransportError):
+                if (health := client.get("/health")).status_code == 200:
+                    break
+            time.sleep(0.2)
+        body = health.json()
+        assert body["worker_id"] == "w7" and body["model_version"] == "tiny-sdxl"
+        assert body["device"] and body["uptime_seconds"] > 0
+        # POST /execute at the root streams the image.
+        request = {"prompt": "a kite", "steps": 2, "width": 64, "height": 64, "seed": 31}
+        with connect_sse(client, "POST", "/execute", json=request) as source:
+            events = list(source.iter_sse())
+        assert [e.event for e in events] == ["progress", "progress", "complete"]
+        done = events[-1].json()
+        assert done["seed"] == 31
+        image = Image.open(io.BytesIO(base64.b64decode(done["image"])))
+        assert image.size == (64, 64)
+        # The orchestrator got a registration, then heartbeats, all for w7.
+        _wait_for_body(receiver, lambda b: b["event"] == "heartbeat" and b["status"] == "ready")
+        bodies = _bodies(receiver)
+        first = bodies[0]
+        assert first["event"] == "register" and first["path"] == "/hive/workers"
+        assert first["status"] in {"starting", "ready"}
+        assert first["sd_version"] == "xl" and first["port"] == port
+        assert first["worker"]["id"] == "w7" and first["implementation"] == "sdworker"
+        assert {b["worker_id"] for b in bodies} == {"w7"}
+        assert all(b["event"] == "heartbeat" for b in bodies[1:])
+        assert bodies[-1]["model_version"] == "tiny-sdxl"
+        # SIGTERM drains and tells the orchestrator this worker stopped.
+        _stop(process, children)
+        assert process.returncode == 0, log_path.read_text()
+        last = _bodies(receiver)[-1]
+        assert last["event"] == "shutdown" and last["status"] == "stopped"
+    finally:
+        client.close()
+        _stop(process, children)
+        receiver.close()
+    # No stray process: the worker went with it.
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children and not any(_alive(pid) for pid in children)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

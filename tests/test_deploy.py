@@ -49,6 +49,12 @@ def test_dockerfile_pins_torch_and_starts_the_service() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "pip install torch==2.13.0" in text
     assert 'CMD ["sdworker", "serve"]' in text
+    # The same image deploys as a RunPod serverless worker: the SDK and the entry module.
+    assert 'pip install ".[runpod]"' in text
+    assert "python -m sdworker.runpod_handler" in text
+    import importlib.util
+
+    assert importlib.util.find_spec("sdworker.runpod_handler") is not None
 
 
 def test_api_replicas_read_the_models_volume_the_workers_use() -> None:

@@ -419,7 +419,9 @@ def api(
 
 @app.command()
 def worker(
-    worker_id: Annotated[str | None, typer.Option(help="Worker id [default: generated].")] = None,
+    worker_id: Annotated[
+        str | None, typer.Option(help="Worker id [default: SDWORKER_WORKER_ID or generated].")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cuda:1 [default: auto].")] = None,
     parent_pid: Annotated[
         int | None, typer.Option(hidden=True, help="Stop once this process is gone (serve).")
@@ -437,5 +439,153 @@ def worker(
     from sdworker.worker import run_worker_process
 
     with _user_errors():
-        code = run_worker_process(settings, worker_id or f"worker-{ULID()}", parent_pid)
+        worker_id = worker_id or settings.worker_id or f"worker-{ULID()}"
+        code = run_worker_process(settings, worker_id, parent_pid)
     raise typer.Exit(code)
+
+
+def _root_dialects(name: str) -> str:
+    """SDWORKER_DIALECTS with `name` mounted at the root, the user's other entries kept."""
+    import json
+
+    raw = os.environ.get("SDWORKER_DIALECTS", "").strip()
+    try:
+        current = json.loads(raw) if raw else {}
+    except ValueError:
+        raise _fail(f"settings: SDWORKER_DIALECTS is not JSON: {raw!r}") from None
+    if not isinstance(current, dict):
+        raise _fail(f"settings: SDWORKER_DIALECTS must be a JSON object, not {raw!r}")
+    return json.dumps(current | {name: "/"})
+
+
+@app.command("candle-worker")
+def candle_worker(
+    worker_id: Annotated[
+        str,
+        typer.Option(envvar="WORKER_ID", help="This worker's id, as the orchestrator knows it."),
+    ],
+    sd_version: Annotated[
+        str,
+        typer.Option(
+            envvar="SD_VERSION",
+            help="v1-5, v2-1, xl or turbo: the model served (unless --model-path) and, for "
+            "turbo, its defaults (4 steps, guidance 0).",
+        ),
+    ],
+    port: Annotated[
+        int | None, typer.Option(envvar="PORT", help="Port [default: SDWORKER_PORT or 7860].")
+    ] = None,
+    callback_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CALLBACK_URL",
+            help="Orchestrator URL that gets the registration and heartbeats (POST JSON) "
+            "[default: SDWORKER_ORCHESTRATOR_URL; none: not sent].",
+        ),
+    ] = None,
+    cuda_device: Annotated[
+        int | None,
+        typer.Option(
+            envvar="CUDA_DEVICE", help="CUDA device index [default: auto: cuda > mps > cpu]."
+        ),
+    ] = None,
+    use_f16: Annotated[
+        bool, typer.Option("--use-f16", envvar="USE_F16", help="Run in float16.")
+    ] = False,
+    use_flash_attn: Annotated[
+        bool,
+        typer.Option(
+            "--use-flash-attn",
+            envvar="USE_FLASH_ATTN",
+            help="Accepted for compatibility: PyTorch SDPA uses flash attention on its own.",
+        ),
+    ] = False,
+    model_path: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MODEL_PATH",
+            help="Checkpoint file, diffusers folder, hub id or tiny-sdxl; wins over the "
+            "model of --sd-version.",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on [default: 127.0.0.1].")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, help="Seconds between heartbeats [default: SDWORKER_HEARTBEAT_INTERVAL_S]."
+        ),
+    ] = None,
+) -> None:
+    """Run as an sd-worker-rbee (Candle SD worker) replacement: the whole service, like
+    `serve`, with POST /execute, /img2img and /inpaint (SSE) and GET /health at the root,
+    registering with the orchestrator at --callback-url and sending it heartbeats."""
+    from sdworker.orchestrator import parse_sd_version
+
+    with _user_errors():
+        version = parse_sd_version(sd_version)
+    _export(
+        worker_id=worker_id,
+        host=host,
+        port=port,
+        model=model_path or version.model,
+        model_variant=version.variant,
+        device=f"cuda:{cuda_device}" if cuda_device is not None else None,
+        dtype="fp16" if use_f16 else None,
+        orchestrator_url=callback_url,
+        dialects=_root_dialects("candle"),
+    )
+    settings = _settings()
+    _run_candle_worker(settings, version.name, heartbeat_interval)
+
+
+def _run_candle_worker(settings: Settings, sd_version: str, interval_s: float | None) -> None:
+    """The API with its supervised worker, and the orchestrator client beside it."""
+    import signal
+
+    import uvicorn
+
+    from sdworker.api.app import create_app
+    from sdworker.backends import build_broker
+    from sdworker.orchestrator import Identity, OrchestratorClient, broker_probe
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with _user_errors():
+        application = create_app(settings, manage_worker=settings.run_worker)
+    server = uvicorn.Server(
+        uvicorn.Config(application, host=settings.host, port=settings.port, log_level="info")
+    )
+    assert settings.worker_id is not None  # exported from --worker-id
+    client, broker = None, None
+    if settings.orchestrator_url:
+        broker = build_broker(settings)
+        client = OrchestratorClient(
+            settings.orchestrator_url,
+            Identity(settings.worker_id, settings.port, settings.base_url, sd_version),
+            broker_probe(broker, settings, settings.worker_id),
+            interval_s=interval_s or settings.heartbeat_interval_s,
+            ready=lambda: server.started,
+        )
+        client.start()
+    stdout.print(
+        f"candle worker {settings.worker_id} serving {settings.model} at {settings.base_url}",
+        highlight=False,
+    )
+    # uvicorn re-raises a SIGTERM it drained on; end with a clean exit instead, so the
+    # orchestrator is told that this worker stopped.
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if client is not None:
+            client.stop()
+        if broker is not None:
+            broker.close()
+
+
+def _exit_cleanly(_signal: int, _frame: object) -> None:
+    raise SystemExit(0)

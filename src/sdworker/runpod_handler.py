@@ -150,7 +150,7 @@ def _handler_settings(settings: Settings | None) -> Settings:
 
 
 def main() -> None:
-    import runpod  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    import runpod
 
     runpod.serverless.start({"handler": make_handler()})
 

@@ -55,7 +55,9 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self._worker_id = f"worker-{ULID()}"
+        # SDWORKER_WORKER_ID / WORKER_ID names it (an orchestrator knows it by that id);
+        # a restarted worker keeps it.
+        self._worker_id = self._settings.worker_id or f"worker-{ULID()}"
         command = [
             sys.executable, "-m", "sdworker", "worker", "--worker-id", self._worker_id,
             "--parent-pid", str(os.getpid()),
