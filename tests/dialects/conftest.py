@@ -100,9 +100,7 @@ def live(
 
 
 @pytest.fixture
-def make_live(
-    tmp_path: Path, cache_dir: Path, engine: Any
-) -> Iterator[Callable[..., LiveService]]:
+def make_live(tmp_path: Path, cache_dir: Path, engine: Any) -> Iterator[Callable[..., LiveService]]:
     """A live service of its own with settings overrides, stopped at teardown."""
     stack: list[Any] = []
 

@@ -95,9 +95,7 @@ def test_health_checks_stay_open_with_api_keys(make_client: Callable[..., TestCl
     for path in ("/health", "/dream/health", "/candle/health", "/runpod/health", "/lcm/health"):
         assert client.get(path).status_code != 401, path
     assert client.post("/lcm/generate", json={"prompt": "x"}).status_code == 401
-    basic = client.post(
-        "/v1/jobs", json={"prompt": "x", "size": "64x64"}, auth=("anyone", "k1")
-    )
+    basic = client.post("/v1/jobs", json={"prompt": "x", "size": "64x64"}, auth=("anyone", "k1"))
     assert basic.status_code == 202, basic.text  # HTTP Basic with the key as password
 
 
