@@ -73,7 +73,13 @@ from sdworker.api.dialects.a1111_progress import (
     progress_body,
     task_progress,
 )
-from sdworker.api.dialects.base import DialectError, StatusError, build_spec, dialect_router
+from sdworker.api.dialects.base import (
+    DialectError,
+    StatusError,
+    build_spec,
+    dialect_router,
+    fastapi_detail,
+)
 from sdworker.api.jobflow import asset_bytes, submit, wait_for
 from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError
@@ -109,9 +115,7 @@ def render_error(error: DialectError) -> Response:
     """FastAPI's 422 list for a bad field; else A1111's api exception handler's body."""
     error = _lora_tag_field(error)
     if error.status == 422 and error.field:
-        loc = ["body", *error.field.split(".")]
-        detail = [{"loc": loc, "msg": error.message, "type": error.code}]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return fastapi_detail(error)
     name = ERROR_NAMES.get(error.code, "HTTPException")
     errors = error.message if name != "HTTPException" else f"{error.status}: {error.message}"
     body = {"error": name, "detail": error.message, "body": "", "errors": errors}

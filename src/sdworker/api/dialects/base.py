@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
@@ -61,6 +62,16 @@ def _field_errors(exc: RequestValidationError) -> DialectError:
             message += f" (got {error['input']!r})"
         lines.append(f"{where}: {message}" if where else message)
     return DialectError(422, "invalid_request", "; ".join(lines) or "invalid request", first)
+
+
+def fastapi_detail(error: DialectError) -> JSONResponse:
+    """FastAPI's own shapes, which the replaced FastAPI services answered with: a 422's
+    `detail` list (loc split along a dotted field), else `{"detail": "..."}`."""
+    detail: Any = error.message
+    if error.status == 422:
+        loc = ["body", *error.field.split(".")] if error.field else ["body"]
+        detail = [{"loc": loc, "msg": error.message, "type": error.code}]
+    return JSONResponse({"detail": detail}, status_code=error.status)
 
 
 def to_dialect_error(exc: Exception) -> DialectError | None:

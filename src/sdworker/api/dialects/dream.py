@@ -25,13 +25,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from sdworker.api.deps import ServicesDep
-from sdworker.api.dialects.base import DialectError, StatusError, build_spec, dialect_router
+from sdworker.api.dialects.base import (
+    StatusError,
+    build_spec,
+    dialect_router,
+    fastapi_detail,
+)
 from sdworker.api.jobflow import enqueue_job
 from sdworker.api.routes.system import health_report
 from sdworker.api.services import Services
@@ -99,16 +104,6 @@ class DreamHealth(BaseModel):
     device: str | None = Field(description='"cuda", "cpu", ...; null: no live worker.')
 
 
-def render_error(error: DialectError) -> Response:
-    """FastAPI's shapes, as that service answered: a 422 list, else {"detail": "..."}."""
-    if error.status == 422:
-        loc = ["body", error.field] if error.field else ["body"]
-        detail: Any = [{"loc": loc, "msg": error.message, "type": error.code}]
-    else:
-        detail = error.message
-    return JSONResponse({"detail": detail}, status_code=error.status)
-
-
 def job_metadata(body: GenerateRequest) -> dict[str, Any]:
     """user_id, the descriptive fields the client sent and every unknown field."""
     sent = body.model_fields_set
@@ -162,7 +157,7 @@ def device_type(device: str | None) -> str | None:
 
 
 def build_router(settings: Settings, at_root: bool) -> APIRouter:
-    router = dialect_router(render_error, names=NAMES)
+    router = dialect_router(fastapi_detail, names=NAMES)
 
     @router.post("/generate", response_model=DreamJob, summary="Dream AI: queue a generation")
     async def dream_generate(body: GenerateRequest, services: ServicesDep) -> DreamJob:

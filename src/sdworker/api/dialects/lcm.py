@@ -13,11 +13,15 @@ import base64
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdworker.api.deps import ServicesDep
-from sdworker.api.dialects.base import DialectError, StatusError, build_spec, dialect_router
+from sdworker.api.dialects.base import (
+    StatusError,
+    build_spec,
+    dialect_router,
+    fastapi_detail,
+)
 from sdworker.api.jobflow import asset_bytes, submit, wait_for
 from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError
@@ -59,16 +63,6 @@ class GenerateRequest(BaseModel):
     superres_format: Literal["png", "jpeg"] = "png"
     superres_quality: int = Field(default=92, ge=1, le=100, description="Accepted, not used.")
     superres_magnitude: int = Field(default=2, ge=1, le=3)
-
-
-def render_error(error: DialectError) -> Response:
-    """FastAPI's shapes, as that server answered: a 422 list, else {"detail": "..."}."""
-    if error.status == 422:
-        loc = ["body", error.field] if error.field else ["body"]
-        detail: Any = [{"loc": loc, "msg": error.message, "type": error.code}]
-    else:
-        detail = error.message
-    return JSONResponse({"detail": detail}, status_code=error.status)
 
 
 def _passes(magnitude: int, field: str) -> int:
@@ -133,7 +127,7 @@ def _image_response(job: Job, data: bytes, headers: dict[str, str]) -> Response:
 
 
 def build_router(settings: Settings, at_root: bool) -> APIRouter:
-    router = dialect_router(render_error, names=NAMES)
+    router = dialect_router(fastapi_detail, names=NAMES)
 
     @router.post(
         "/generate",
