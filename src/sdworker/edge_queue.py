@@ -8,7 +8,10 @@ list; what a crash leaves there is handed over again at the next start. Handing 
 over twice is harmless: the job's idempotency key is the payload's id.
 
 The list is polled (no blocking pop): drained while it has items, then one wait of
-SDWORKER_EDGE_POLL_INTERVAL_S. A Redis outage is logged and retried with backoff.
+SDWORKER_EDGE_POLL_INTERVAL_S. A Redis outage is logged and retried with backoff. An item
+whose handover keeps failing (HANDOVER_ATTEMPTS times in a row, e.g. a payload that trips
+a bug) is moved to the dead-letter list `<queue>:dead`, kept for an operator, so one bad
+item never holds up the ones behind it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes], None]
 DRAIN_MAX = 64  # items taken in a row before the stop flag is looked at again
 MAX_BACKOFF_S = 30.0
+HANDOVER_ATTEMPTS = 5
+
+
+def dead_letter_list(queue: str) -> str:
+    """Where items go whose handover failed HANDOVER_ATTEMPTS times."""
+    return f"{queue}:dead"
 
 
 def processing_list(queue: str) -> str:
@@ -59,6 +68,7 @@ class EdgeQueueConsumer:
         self._thread: threading.Thread | None = None
         self._recovered = False  # the processing list was re-driven since start
         self._pending: list[bytes] = []  # taken, not yet handled (handle failed)
+        self._failures: dict[bytes, int] = {}  # failed handovers of the pending items
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="edge-queue", daemon=True)
@@ -118,11 +128,23 @@ class EdgeQueueConsumer:
         return done
 
     def _hand_over(self, raw: bytes) -> bool:
-        """handle(raw), then drop it from the processing list; False when handle failed."""
+        """handle(raw), then drop it from the processing list; False when handle failed
+        (it is retried), True once done or moved to the dead-letter list."""
         try:
             self._handle(raw)
         except Exception:
-            log.exception("an edge job could not be queued; it stays in %s", self._processing)
-            return False
+            failures = self._failures.get(raw, 0) + 1
+            if failures < HANDOVER_ATTEMPTS:
+                self._failures[raw] = failures
+                log.exception(
+                    "an edge job could not be queued (attempt %s); it stays in %s",
+                    failures,
+                    self._processing,
+                )
+                return False
+            dead = dead_letter_list(self._queue)
+            log.exception("an edge job failed %s handovers; moved to %s", failures, dead)
+            self._redis.lpush(dead, raw)
+        self._failures.pop(raw, None)
         self._redis.lrem(self._processing, 1, raw)
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Mapping
 
@@ -94,3 +95,8 @@ def encode_image(image: Image.Image, fmt: str, parameters: str | None = None) ->
     pil_format = "JPEG" if fmt == "jpeg" else "WEBP"
     image.convert("RGB").save(buffer, format=pil_format, quality=95, exif=exif.tobytes())
     return buffer.getvalue()
+
+
+def data_uri(content_type: str, data: bytes) -> str:
+    """`data:<type>;base64,<bytes>`: media inline in a JSON answer."""
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"

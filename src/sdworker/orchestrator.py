@@ -142,6 +142,9 @@ class OrchestratorClient:
     ) -> None:
         """ready(): whether the API answers yet (nothing is sent before it does)."""
         self.url = url
+        # For logs: no credentials or tokens that the URL may carry.
+        parsed = httpx.URL(url)
+        self.shown_url = str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
         self.identity = identity
         self.registered = False
         self._probe = probe
@@ -209,7 +212,7 @@ class OrchestratorClient:
                 event = "heartbeat" if self.registered else "register"
                 if self._post(self.payload(event, state)) and not self.registered:
                     self.registered = True
-                    log.info("registered with the orchestrator at %s", self.url)
+                    log.info("registered with the orchestrator at %s", self.shown_url)
                 self._last, due = state, now + self._interval_s
             if self._stop.wait(TICK_S):
                 return
@@ -230,11 +233,11 @@ class OrchestratorClient:
             if not self._failing:
                 log.warning(
                     "orchestrator %s: %s failed (%s); retrying every %.1fs",
-                    self.url, body["event"], exc, self._interval_s,
+                    self.shown_url, body["event"], exc, self._interval_s,
                 )  # fmt: skip
             self._failing = True
             return False
         if self._failing:
-            log.info("orchestrator %s reachable again", self.url)
+            log.info("orchestrator %s reachable again", self.shown_url)
         self._failing = False
         return True

@@ -104,7 +104,8 @@ class WebhookSender:
 
     def target_of(self, job: Job) -> str | None:
         if job.spec.webhook_format is WebhookFormat.EDGE:
-            return job.spec.webhook or self._settings.edge_callback_target
+            # Only ever the operator's job-callback: edge callbacks carry its bearer token.
+            return self._settings.edge_callback_target
         return job.spec.webhook or self._settings.webhook_url
 
     def notify(self, job: Job, event: EventType) -> None:

@@ -22,6 +22,10 @@ from sdworker.backends import build_broker, build_storage
 from sdworker.settings import Settings
 from sdworker.webhooks import WebhookSender
 from sdworker.worker import Worker
+from tests.api.conftest import client, make_client, make_settings
+
+# The in-process API fixtures (TestClient, no worker) serve these tests too.
+__all__ = ["client", "make_client", "make_settings"]
 
 
 def free_port() -> int:

@@ -415,3 +415,25 @@ def test_a_request_past_the_sync_timeout_names_its_job(
     job_id = body["detail"].split("job ")[1].split()[0]
     assert f"GET /v1/jobs/{job_id}" in body["detail"]
     assert service.client.delete(f"/v1/jobs/{job_id}").status_code == 200  # free the worker
+
+
+def test_options_are_per_caller_never_a_global_switch(make_client: Any) -> None:
+    """One app's POST /options (webuiapi's util_set_model) must not switch the model
+    under another caller's requests: options are kept per API key."""
+    client = make_client(
+        api_keys="k1,k2", models='{"second": {"source": "tiny-sd15", "family": "sd15"}}'
+    )
+    first, second = {"Authorization": "Bearer k1"}, ("someone", "k2")  # Bearer and Basic
+    switched = client.post(
+        "/sdapi/v1/options", json={"sd_model_checkpoint": "second"}, headers=first
+    )
+    assert switched.status_code == 200, switched.text
+    assert client.get("/sdapi/v1/options", headers=first).json()["sd_model_checkpoint"] == (
+        "second"
+    )
+    theirs = client.get("/sdapi/v1/options", auth=second).json()
+    assert theirs["sd_model_checkpoint"] == "tiny-sdxl"
+    # Progress and interrupt are per caller too: nothing of k1's shows for k2.
+    progress = client.get("/sdapi/v1/progress", auth=second).json()
+    assert progress["state"]["job_count"] == 0
+    assert client.post("/sdapi/v1/interrupt", auth=second).status_code == 200

@@ -27,7 +27,12 @@ import redis
 from PIL import Image
 from standardwebhooks import Webhook
 
-from sdworker.edge_queue import EdgeQueueConsumer, processing_list
+from sdworker.edge_queue import (
+    HANDOVER_ATTEMPTS,
+    EdgeQueueConsumer,
+    dead_letter_list,
+    processing_list,
+)
 from sdworker.jobs import Asset, Job, JobError, JobResult, JobSpec, JobStatus, JobTimings
 from sdworker.settings import Settings
 from sdworker.webhook_payloads import edge_payload_for
@@ -265,6 +270,11 @@ def test_the_same_payload_twice_is_one_job(
     jobs = edge.client.get("/v1/jobs", params={"limit": 200}).json()["jobs"]
     mine = [j for j in jobs if j["spec"]["metadata"].get("edge", {}).get("job_id") == edge_id]
     assert len(mine) == 1
+    # Pushed again after it ended (its callback lost, say): the same job calls back again.
+    producer.lpush("edge-test:main", job)
+    first, second = callbacks_for(receiver, edge_id, count=2)
+    assert second["metadata"]["sdworker_job_id"] == first["metadata"]["sdworker_job_id"]
+    assert second["assets"] == first["assets"]
 
 
 def test_http_submit_status_and_errors(edge: LiveService, receiver: Receiver) -> None:
@@ -409,6 +419,31 @@ def test_a_failing_handover_stays_in_processing_and_is_retried(redis_server: Red
     assert consumer.poll_once() == 1
     assert seen == [b"job", b"job"]
     wait_until_empty(client, "edge-test:retry", processing_list("edge-test:retry"))
+    consumer.stop()
+    client.close()
+
+
+def test_an_item_that_keeps_failing_goes_to_the_dead_letter_list(
+    redis_server: RedisServer,
+) -> None:
+    queue = "edge-test:poison"
+    client = redis.Redis.from_url(redis_server.url)
+    seen: list[bytes] = []
+
+    def handle(raw: bytes) -> None:
+        seen.append(raw)
+        if raw == b"poison":
+            raise RecursionError("a payload that trips a bug")
+
+    consumer = EdgeQueueConsumer(consumer_settings(redis_server.url, queue), handle)
+    client.lpush(queue, b"poison", b"good")
+    for _ in range(HANDOVER_ATTEMPTS - 1):
+        assert consumer.poll_once() == 0  # retried, holding up nothing else yet
+    assert client.lrange(dead_letter_list(queue), 0, -1) == []
+    assert consumer.poll_once() == 2  # the last failure moves it aside, "good" goes on
+    assert seen == [b"poison"] * HANDOVER_ATTEMPTS + [b"good"]
+    assert client.lrange(dead_letter_list(queue), 0, -1) == [b"poison"]
+    wait_until_empty(client, queue, processing_list(queue))
     consumer.stop()
     client.close()
 

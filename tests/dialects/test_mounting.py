@@ -4,6 +4,8 @@ the native /health and /status. In-process (no worker)."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +15,9 @@ from pydantic import ValidationError
 
 from sdworker.api.app import create_app
 from sdworker.errors import ConfigError
+from sdworker.jobs import JobSpec
 from sdworker.settings import DIALECT_DEFAULT_PREFIXES, Settings
-from tests.api.conftest import client, make_client, make_settings
-
-__all__ = ["client", "make_client", "make_settings"]  # the in-process API fixtures
+from tests.service.test_webhooks import Receiver
 
 
 def paths_of(client: TestClient) -> set[str]:
@@ -119,3 +120,44 @@ def test_edge_callbacks_default_to_the_supabase_job_callback() -> None:
         _env_file=None, supabase_url="https://abc.supabase.co", edge_callback_url="https://x/cb"
     )
     assert explicit.edge_callback_target == "https://x/cb"
+
+
+def test_only_the_edge_dialect_sets_the_edge_callback_format(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """Edge callbacks carry the edge system's service key and complete its jobs: a
+    native caller may not ask for them, and they only ever go to the operator's URL."""
+    client = make_client(edge_callback_url="https://edge.example/job-callback")
+    body = {"prompt": "x", "size": "64x64", "webhook_format": "edge"}
+    refused = client.post("/v1/jobs", json=body | {"webhook": "https://evil.example/h"})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "webhook_format"]
+    assert client.get("/v1/jobs").json()["jobs"] == []
+    services = client.app.state.services  # type: ignore[attr-defined]
+    job, _ = services.broker.enqueue(
+        JobSpec(prompt="x", webhook="https://evil.example/h", webhook_format="edge")
+    )
+    assert services.webhooks.target_of(job) == "https://edge.example/job-callback"
+
+
+def test_canceling_a_queued_dialect_job_sends_its_webhook(
+    make_client: Callable[..., TestClient],
+) -> None:
+    receiver = Receiver()
+    try:
+        client = make_client(fetch_allow="127.0.0.1")  # no worker: the job stays queued
+        run = client.post(
+            "/runpod/run", json={"input": {"prompt": "x"}, "webhook": f"{receiver.url}/hook"}
+        )
+        assert run.status_code == 200, run.text
+        job_id = run.json()["id"]
+        canceled = client.post(f"/runpod/cancel/{job_id}").json()
+        assert canceled == {"id": job_id, "status": "CANCELLED"}
+        deadline = time.monotonic() + 10
+        while not receiver.calls:
+            assert time.monotonic() < deadline, "no webhook for the canceled job"
+            time.sleep(0.02)
+        body = json.loads(receiver.calls[0]["body"])
+        assert body["type"] == "job.canceled" and body["job_id"] == job_id
+    finally:
+        receiver.close()

@@ -76,8 +76,8 @@ def create_app(settings: Settings, *, manage_worker: bool = False) -> FastAPI:
     for router in native:
         app.include_router(router)
     paths = mount_dialects(app, settings, native)
-    # Health checks stay open: the native one and the dialects' own (under their prefix).
-    open_paths = frozenset(path for path in paths if path.endswith("/health"))
+    # Health and readiness checks stay open: the native one and the dialects' own.
+    open_paths = frozenset(path for path in paths if path.endswith(("/health", "/ready")))
     # Added last = outermost: metrics see every response, auth runs before body reads.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, open_paths=open_paths)

@@ -15,13 +15,23 @@ from fastapi.concurrency import run_in_threadpool
 
 from sdworker.api.services import Services
 from sdworker.api.validation import validate_job
-from sdworker.jobs import Asset, Job, JobEvent, JobSpec
+from sdworker.jobs import Asset, EventType, Job, JobEvent, JobSpec, JobStatus
 
 
 def enqueue_job(spec: JobSpec, services: Services, key: str | None = None) -> tuple[Job, bool]:
     """Validate (4xx naming the field), then queue. Blocking: call from a thread."""
     validate_job(spec, services)
     return services.broker.enqueue(spec, idempotency_key=key)
+
+
+def cancel_job(services: Services, job_id: str) -> Job:
+    """Cancel a job (blocking). A queued one ends at once and no worker will ever see it,
+    so its webhook goes from here; a running one is flagged and its worker reports it."""
+    before = services.broker.get(job_id).status
+    job = services.broker.cancel(job_id)
+    if before is JobStatus.QUEUED and job.status is JobStatus.CANCELED:
+        services.webhooks.notify(job, EventType.CANCELED)
+    return job
 
 
 async def submit(spec: JobSpec, services: Services, key: str | None = None) -> Job:
@@ -54,7 +64,7 @@ async def wait_for(
     deadline = time.monotonic() + (settings.sync_timeout_s if timeout_s is None else timeout_s)
     while not job.status.is_terminal():
         if request is not None and await request.is_disconnected():
-            await run_in_threadpool(services.broker.cancel, job.id)
+            await run_in_threadpool(cancel_job, services, job.id)
             return Waited(job, disconnected=True)
         if time.monotonic() > deadline:
             break
@@ -96,7 +106,3 @@ async def asset_bytes(services: Services, asset: Asset, *, thumbnail: bool = Fal
 
 async def asset_base64(services: Services, asset: Asset) -> str:
     return base64.b64encode(await asset_bytes(services, asset)).decode()
-
-
-def data_uri(content_type: str, data: bytes) -> str:
-    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"

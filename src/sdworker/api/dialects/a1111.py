@@ -68,6 +68,7 @@ from sdworker.api.dialects.a1111_models import (
 from sdworker.api.dialects.a1111_progress import (
     DialectState,
     Tracked,
+    caller_of,
     fetch_jobs,
     newest_live,
     progress_body,
@@ -80,7 +81,7 @@ from sdworker.api.dialects.base import (
     dialect_router,
     fastapi_detail,
 )
-from sdworker.api.jobflow import asset_bytes, submit, wait_for
+from sdworker.api.jobflow import asset_bytes, cancel_job, submit, wait_for
 from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError
 from sdworker.jobs import Job, JobSpec, JobStatus
@@ -155,12 +156,12 @@ class A1111Api:
     """The routes' handlers, sharing one app's DialectState."""
 
     def __init__(self, settings: Settings) -> None:
-        self.state = DialectState(options=default_options(settings))
+        self.state = DialectState(defaults=default_options(settings))
 
     async def run(self, services: Services, spec: JobSpec, request: Request, kind: str) -> Job:
         """Submit and wait; a canceled job is an answer, a failed one a 500."""
         job = await submit(spec, services)
-        self.state.active[job.id] = Tracked(job.id, kind)
+        self.state.active[job.id] = Tracked(job.id, kind, caller_of(request))
         if spec.metadata.get("id_task"):
             self.state.remember_task(str(spec.metadata["id_task"]), job.id)
         try:
@@ -181,11 +182,12 @@ class A1111Api:
         reason = job.error.message if job.error else job.status.value
         raise StatusError(500, f"{kind} failed (job {job.id}): {reason}", code="job_failed")
 
-    def _model(self, services: Services, body: GenerationRequest) -> str:
-        """override_settings' checkpoint (this request only), else POST /options'."""
+    def _model(self, services: Services, body: GenerationRequest, caller: str) -> str:
+        """override_settings' checkpoint (this request only), else the caller's options'."""
         chosen = (body.override_settings or {}).get(CHECKPOINT)
         if chosen is None:
-            return resolve_model(services, self.state.options[CHECKPOINT], CHECKPOINT)
+            options = self.state.options_of(caller)
+            return resolve_model(services, options[CHECKPOINT], CHECKPOINT)
         return resolve_model(services, chosen, f"override_settings.{CHECKPOINT}")
 
     async def generate(
@@ -195,8 +197,11 @@ class A1111Api:
         if body.force_task_id:
             metadata["id_task"] = body.force_task_id
         max_images = services.settings.max_num_images
-        model = self._model(services, body)
-        fields = spec_of.generation_fields(body, model, max_images, metadata)
+        model = self._model(services, body, caller_of(request))
+        # Decodes (and may invert) the mask: off the event loop.
+        fields = await run_in_threadpool(
+            spec_of.generation_fields, body, model, max_images, metadata
+        )
         job = await self.run(services, build_spec(fields, NAMES), request, kind)
         data = await _outputs(services, job)
         pictures = [Image.open(io.BytesIO(item)) for item in data]
@@ -223,11 +228,16 @@ class A1111Api:
         return await self.generate(body, request, services, "scripts_img2img")
 
     async def progress(
-        self, services: ServicesDep, id_task: str | None = None, skip_current_image: bool = False
+        self,
+        request: Request,
+        services: ServicesDep,
+        id_task: str | None = None,
+        skip_current_image: bool = False,
     ) -> ProgressResponse:
-        """The newest running (else queued) request of this dialect; `id_task`: that
-        task's. No live previews (current_image is null)."""
-        jobs = await run_in_threadpool(fetch_jobs, services, self.state.shown_ids(id_task))
+        """The caller's newest running (else queued) request; `id_task`: that task's.
+        No live previews (current_image is null)."""
+        shown = self.state.shown_ids(id_task, caller_of(request))
+        jobs = await run_in_threadpool(fetch_jobs, services, shown)
         job = newest_live(jobs)
         return progress_body(job, self.state.active.get(job.id) if job else None)
 
@@ -239,34 +249,36 @@ class A1111Api:
         jobs = await run_in_threadpool(fetch_jobs, services, [job_id] if job_id else [])
         return task_progress(jobs[0] if jobs else None, body.id_live_preview)
 
-    async def _interrupt(self, services: Services) -> None:
-        """Cancel the running jobs of this dialect (queued ones run, as in A1111)."""
-        jobs = await run_in_threadpool(fetch_jobs, services, list(self.state.active))
+    async def _interrupt(self, services: Services, caller: str) -> None:
+        """Cancel the caller's running requests (queued ones run, as in A1111)."""
+        mine = self.state.shown_ids(None, caller)
+        jobs = await run_in_threadpool(fetch_jobs, services, mine)
         for job in jobs:
             tracked = self.state.active.get(job.id)
             if job.status is JobStatus.RUNNING and tracked is not None:
                 tracked.interrupted = True
-                await run_in_threadpool(services.broker.cancel, job.id)
+                await run_in_threadpool(cancel_job, services, job.id)
 
-    async def interrupt(self, services: ServicesDep) -> dict[str, Any]:
-        """A1111: interrupt the running request(s)."""
-        await self._interrupt(services)
+    async def interrupt(self, request: Request, services: ServicesDep) -> dict[str, Any]:
+        """A1111: interrupt the caller's running request(s)."""
+        await self._interrupt(services, caller_of(request))
         return {}
 
-    async def skip(self, services: ServicesDep) -> None:
+    async def skip(self, request: Request, services: ServicesDep) -> None:
         """A1111: skip; a request's images are one job here, so this interrupts it."""
-        await self._interrupt(services)
+        await self._interrupt(services, caller_of(request))
 
-    def get_options(self) -> dict[str, Any]:
-        """A1111: options (sd_model_checkpoint: the default model of later requests)."""
-        return dict(self.state.options)
+    def get_options(self, request: Request) -> dict[str, Any]:
+        """A1111: the caller's options (sd_model_checkpoint: its default model)."""
+        return dict(self.state.options_of(caller_of(request)))
 
-    def set_options(self, body: dict[str, Any], services: ServicesDep) -> None:
-        """Defaults for later requests of this dialect in this process (options GET
+    def set_options(self, body: dict[str, Any], request: Request, services: ServicesDep) -> None:
+        """Defaults for the caller's later requests in this process (the options GET
         /options lists; others are ignored); override_settings is per request."""
         if body.get(CHECKPOINT) is not None:
             body[CHECKPOINT] = resolve_model(services, body[CHECKPOINT], CHECKPOINT)
-        self.state.options.update({k: v for k, v in body.items() if k in self.state.options})
+        options = self.state.options_of(caller_of(request))
+        options.update({k: v for k, v in body.items() if k in options})
 
     async def extra_single_image(
         self, body: ExtrasSingleImageRequest, request: Request, services: ServicesDep
@@ -275,9 +287,9 @@ class A1111Api:
         answers the image unchanged, as A1111 does."""
         if not body.image:
             raise InvalidJobError("image: an image is required", field="image")
-        upscaler = resolve_upscaler(services, body.upscaler_1)
+        upscaler = await run_in_threadpool(resolve_upscaler, services, body.upscaler_1)
         if upscaler is None:
-            spec_of.decode_image(body.image, "image")
+            await run_in_threadpool(spec_of.decode_image, body.image, "image")
             return ExtrasSingleImageResponse(html_info="", image=_raw_base64(body.image))
         job = await self.run(services, extras_spec(body, upscaler), request, "extras")
         data = await _outputs(services, job)

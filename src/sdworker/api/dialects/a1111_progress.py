@@ -7,10 +7,13 @@ of the last TASK_MEMORY requests; progress reads those jobs from the broker.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from fastapi import Request
 
 from sdworker.api.dialects.a1111_models import (
     InternalProgressResponse,
@@ -23,6 +26,15 @@ from sdworker.errors import JobNotFoundError
 from sdworker.jobs import Job, JobStatus
 
 TASK_MEMORY = 1000  # force_task_id -> job id, newest kept
+CALLER_MEMORY = 1000  # callers whose options are kept, oldest dropped first
+ANONYMOUS = "anonymous"
+
+
+def caller_of(request: Request) -> str:
+    """Who is asking: a digest of the Authorization header (the API key or Basic
+    credentials the middleware accepted), or anonymous without one."""
+    header = request.headers.get("authorization", "")
+    return hashlib.sha256(header.encode()).hexdigest()[:16] if header else ANONYMOUS
 
 
 @dataclass
@@ -31,16 +43,31 @@ class Tracked:
 
     job_id: str
     kind: str  # scripts_txt2img, scripts_img2img, extras
+    caller: str = ANONYMOUS
     interrupted: bool = False
 
 
 @dataclass
 class DialectState:
-    """Per app: options, the jobs requests wait on, force_task_id -> job id."""
+    """Per app: each caller's options, the jobs requests wait on, force_task_id -> job id.
 
-    options: dict[str, Any]
+    A1111's options, progress and interrupt are global to its one user. Here each caller
+    (API key, or HTTP Basic credentials) has options of its own, and sees and interrupts
+    only its own requests, so one app's POST /options (webuiapi's util_set_model does one
+    before each txt2img) never switches the model under another's requests. Without API
+    keys every caller is the same one, as in A1111."""
+
+    defaults: dict[str, Any]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     active: dict[str, Tracked] = field(default_factory=dict)
     tasks: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def options_of(self, caller: str) -> dict[str, Any]:
+        if caller not in self.options:
+            if len(self.options) >= CALLER_MEMORY:
+                self.options.pop(next(iter(self.options)))
+            self.options[caller] = dict(self.defaults)
+        return self.options[caller]
 
     def remember_task(self, task_id: str, job_id: str) -> None:
         self.tasks[task_id] = job_id
@@ -48,10 +75,10 @@ class DialectState:
         while len(self.tasks) > TASK_MEMORY:
             self.tasks.popitem(last=False)
 
-    def shown_ids(self, id_task: str | None) -> list[str]:
-        """The jobs GET /progress chooses from: one task's, or every active one."""
+    def shown_ids(self, id_task: str | None, caller: str) -> list[str]:
+        """The jobs GET /progress chooses from: one task's, or the caller's active ones."""
         if id_task is None:
-            return list(self.active)
+            return [job_id for job_id, t in self.active.items() if t.caller == caller]
         return [self.tasks[id_task]] if id_task in self.tasks else []
 
 

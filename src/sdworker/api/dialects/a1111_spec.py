@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
@@ -17,8 +18,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from sdworker import fetch
 from sdworker.api.dialects.a1111_models import GenerationRequest, Img2ImgRequest
 from sdworker.api.dialects.base import StatusError
 from sdworker.engine.schedulers import (
@@ -217,16 +219,16 @@ def img2img_fields(body: Img2ImgRequest) -> dict[str, Any]:
 
 
 def decode_image(value: str, field: str) -> Image.Image:
-    """A base64 or data-URI image, or a 422 naming the field."""
+    """A base64 or data-URI image (fetch.decode_image: formats, pixel cap), or a 422
+    naming the field."""
     data = value.strip()
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
-        image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
         raise InvalidJobError(f"{field}: not a base64 or data-URI image", field=field) from None
-    return image
+    return fetch.decode_image(raw, field=field)
 
 
 def inverted(mask: str) -> str:
@@ -279,7 +281,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
     for key, raw in _PARAM.findall(last):
         value = raw.strip()
         if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value)
+            with contextlib.suppress(ValueError):  # a malformed quote stays as written
+                value = json.loads(value)
         size = _SIZE.match(value)
         if size:
             result[f"{key}-1"], result[f"{key}-2"] = size[1], size[2]

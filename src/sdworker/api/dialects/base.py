@@ -14,15 +14,18 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException  # FastAPI's is a subclass
 
 from sdworker.api.errors import status_of
+from sdworker.api.jobflow import submit, wait_for
+from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError, SdworkerError
-from sdworker.jobs import JobSpec, describe_validation_error
+from sdworker.jobs import Job, JobSpec, JobStatus, describe_validation_error
 
 
 @dataclass(frozen=True)
@@ -158,3 +161,31 @@ def translated(error: DialectError, names: Mapping[str, str] | None) -> DialectE
         rename_fields(error.message, names),
         rename_field(error.field, names),
     )
+
+
+async def run_to_end(
+    services: Services,
+    spec: JobSpec,
+    request: Request,
+    what: str,
+    *,
+    failed_code: str = "job_failed",
+    canceled_is_an_answer: bool = False,
+) -> Job:
+    """Submit a job and wait for it (the synchronous dialects): the succeeded job (or a
+    canceled one when that is an answer), a 504 StatusError naming the job that goes on
+    when SDWORKER_SYNC_TIMEOUT_S passes, a 500 with the job's error when it failed."""
+    waited = await wait_for(services, await submit(spec, services), request=request)
+    job = waited.job
+    if job.status is JobStatus.SUCCEEDED and job.result and job.result.assets:
+        return job
+    if waited.disconnected or (canceled_is_an_answer and job.status is JobStatus.CANCELED):
+        return job
+    if not waited.finished:
+        raise StatusError(
+            504,
+            f"{what} {job.id} did not finish in time; it goes on (GET /v1/jobs/{job.id})",
+            code="timeout",
+        )
+    reason = job.error.message if job.error else job.status.value
+    raise StatusError(500, f"{what} {job.id} failed: {reason}", code=failed_code)

@@ -43,7 +43,7 @@ from starlette.types import Message
 
 from sdworker.api.deps import ServicesDep
 from sdworker.api.dialects.base import DialectError, StatusError, build_spec, dialect_router
-from sdworker.api.jobflow import asset_base64, job_events, submit
+from sdworker.api.jobflow import asset_base64, cancel_job, job_events, submit
 from sdworker.api.routes.system import Health, health_report
 from sdworker.api.services import Services
 from sdworker.families import Task
@@ -142,8 +142,9 @@ async def _spec(
             422, "loras: not supported by this worker; send an empty list", field="loras"
         )
     steps = body.steps
-    if steps is None and services.features_of(None).variant == "turbo":
-        steps = TURBO_STEPS
+    if steps is None:
+        features = await run_in_threadpool(services.features_of, None)  # reads folders
+        steps = TURBO_STEPS if features.variant == "turbo" else None
     fields: dict[str, Any] = {
         "task": task,
         "prompt": body.prompt,
@@ -211,14 +212,11 @@ async def _cancel_unfinished(services: Services, watched: _Watched) -> None:
     watched.settled = True
     job_id = watched.job.id
     try:
-        job = await run_in_threadpool(services.broker.cancel, job_id)
+        await run_in_threadpool(cancel_job, services, job_id)
     except Exception:  # the stream is gone either way; the job ends on its own
         log.exception("could not cancel job %s of a closed stream", job_id)
         return
-    log.info("canceling job %s: its client went away", job_id)
-    if job.status is JobStatus.CANCELED:
-        # Canceled while queued: no worker will see it, so its webhook goes from here.
-        await run_in_threadpool(services.webhooks.notify_ended, [job_id])
+    log.info("canceled job %s: its client went away", job_id)
 
 
 async def _stream(services: Services, watched: _Watched) -> AsyncIterator[ServerSentEvent]:

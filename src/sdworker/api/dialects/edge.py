@@ -48,6 +48,7 @@ from sdworker.errors import InvalidJobError, JobConflictError, SdworkerError
 from sdworker.jobs import Job, JobSpec, WebhookFormat, describe_validation_error
 from sdworker.settings import Settings
 from sdworker.webhook_payloads import EDGE_STATUS, edge_payload_for, edge_rejection_payload
+from sdworker.webhooks import TERMINAL_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +255,19 @@ def idempotency_key(payload: EdgePayload) -> str:
     return f"edge:{payload.id}"
 
 
-def accept_payload(data: Any, services: Services) -> tuple[EdgePayload, Job]:
+def accept_payload(data: Any, services: Services) -> tuple[EdgePayload, Job, bool]:
     """Parse, translate, validate and queue one payload (blocking: call from a thread).
     Errors name the payload's field path."""
     payload = parse_payload(data)
     translation = translate(payload, services.settings)
     spec: JobSpec = build_spec(translation.fields, translation.names)
     try:
-        job, _ = enqueue_job(spec, services, idempotency_key(payload))
+        job, created = enqueue_job(spec, services, idempotency_key(payload))
     except SdworkerError as exc:  # validate_job's words are JobSpec's: use the payload's
         exc.message = rename_fields(exc.message, translation.names)
         exc.field = rename_field(exc.field, translation.names)
         raise
-    return payload, job
+    return payload, job, created
 
 
 def _payload_id(data: Any) -> str | None:
@@ -304,7 +305,7 @@ def queue_handler(services: Services) -> Callable[[bytes], None]:
             log.error("dropped an edge queue item that is not JSON (%s): %.200r", exc, raw)
             return
         try:
-            payload, job = accept_payload(data, services)
+            payload, job, created = accept_payload(data, services)
         except JobConflictError as exc:  # the earlier job with this id stands
             log.error("dropped a changed re-delivery of edge job %s: %s", _payload_id(data), exc)
             return
@@ -314,6 +315,10 @@ def queue_handler(services: Services) -> Callable[[bytes], None]:
             reject(data, exc.message)
             return
         log.info("edge job %s is job %s (%s)", payload.id, job.id, job.status.value)
+        ended = TERMINAL_EVENTS.get(job.status)
+        if not created and ended is not None:
+            # Re-pushed after it ended (its callback may have been lost): report it again.
+            services.webhooks.notify(job, ended)
 
     return handle
 
@@ -332,7 +337,7 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
     ) -> EdgeAccepted:
         """Same payload, same job (its id is the idempotency key); the job's end is POSTed
         to the edge callback (SDWORKER_EDGE_CALLBACK_URL or SUPABASE_URL)."""
-        parsed, job = await run_in_threadpool(accept_payload, payload, services)
+        parsed, job, _ = await run_in_threadpool(accept_payload, payload, services)
         return EdgeAccepted(
             job_id=parsed.id, sdworker_job_id=job.id, status=EDGE_STATUS[job.status]
         )

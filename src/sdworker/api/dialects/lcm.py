@@ -21,11 +21,12 @@ from sdworker.api.dialects.base import (
     build_spec,
     dialect_router,
     fastapi_detail,
+    run_to_end,
 )
-from sdworker.api.jobflow import asset_bytes, submit, wait_for
+from sdworker.api.jobflow import asset_bytes
 from sdworker.api.services import Services
 from sdworker.errors import InvalidJobError
-from sdworker.jobs import Job, JobSpec, JobStatus
+from sdworker.jobs import Job, JobSpec
 from sdworker.settings import Settings
 
 SCALE_PER_PASS = 2
@@ -96,14 +97,7 @@ def generate_spec(body: GenerateRequest, settings: Settings) -> JobSpec:
 
 async def _finished(services: Services, spec: JobSpec, request: Request, what: str) -> Job:
     """Run a job to its end; a failure or timeout is this protocol's 500/504."""
-    waited = await wait_for(services, await submit(spec, services), request=request)
-    job = waited.job
-    if job.status is JobStatus.SUCCEEDED and job.result and job.result.assets:
-        return job
-    if not waited.finished:
-        raise StatusError(504, f"{what} timed out; job {job.id} goes on (GET /v1/jobs/{job.id})")
-    reason = job.error.message if job.error else job.status.value
-    raise StatusError(500, f"{what} failed: {reason}", code="job_failed")
+    return await run_to_end(services, spec, request, what)
 
 
 def _upscale_spec(image: bytes, passes: int, out_format: str, owner: Any) -> JobSpec:
@@ -139,14 +133,14 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
         body: GenerateRequest, request: Request, services: ServicesDep
     ) -> Response:
         spec = generate_spec(body, services.settings)
-        job = await _finished(services, spec, request, "Generation")
+        job = await _finished(services, spec, request, "Generation job")
         assert job.result is not None
         data = await asset_bytes(services, job.result.assets[0])
         headers = {"X-Seed": str(job.result.seeds[0]), "X-SuperRes": "0"}
         if body.superres:
             passes = body.superres_magnitude
             upscale = _upscale_spec(data, passes, body.superres_format, spec.metadata)
-            job = await _finished(services, upscale, request, "Super-resolution")
+            job = await _finished(services, upscale, request, "Super-resolution job")
             assert job.result is not None
             data = await asset_bytes(services, job.result.assets[0])
             headers |= _sr_headers(job, passes) | {"X-SuperRes": "1"}
@@ -166,7 +160,7 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
             raise StatusError(400, "Empty upload", field="file")
         passes = _passes(magnitude, "magnitude")
         job = await _finished(
-            services, _upscale_spec(image, passes, out_format, {}), request, "Super-resolution"
+            services, _upscale_spec(image, passes, out_format, {}), request, "Super-resolution job"
         )
         assert job.result is not None
         data = await asset_bytes(services, job.result.assets[0])

@@ -43,13 +43,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from sdworker.api.deps import ServicesDep
-from sdworker.api.dialects.base import DialectError, StatusError, build_spec, dialect_router
-from sdworker.api.jobflow import asset_base64, data_uri, submit, wait_for
+from sdworker.api.dialects.base import (
+    DialectError,
+    StatusError,
+    build_spec,
+    dialect_router,
+    run_to_end,
+)
+from sdworker.api.jobflow import asset_base64
 from sdworker.api.services import Services
 from sdworker.errors import InputImageError, ModelLoadError, ModelNotFoundError
 from sdworker.families import FamilyProfile
 from sdworker.fetch import decode_image, require_same_size
-from sdworker.jobs import MAX_STEPS, Job, JobStatus
+from sdworker.jobs import MAX_STEPS, Job
+from sdworker.media import data_uri
 from sdworker.options import Preset
 from sdworker.planning import Features
 from sdworker.settings import Settings
@@ -244,18 +251,7 @@ def _job_fields(options: ImageOptions, target: Target, prompt: str, n: int) -> d
 async def _finished(services: Services, fields: dict[str, Any], request: Request) -> Job:
     """Run a job to its end; a failure is OpenAI's 500 server_error, a timeout a 504."""
     spec = build_spec(fields, NAMES)
-    waited = await wait_for(services, await submit(spec, services), request=request)
-    job = waited.job
-    if job.status is JobStatus.SUCCEEDED and job.result and job.result.assets:
-        return job
-    if not waited.finished:
-        raise StatusError(
-            504,
-            f"The image job {job.id} did not finish in time; it goes on (GET /v1/jobs/{job.id}).",
-            code="timeout",
-        )
-    reason = job.error.message if job.error else job.status.value
-    raise StatusError(500, f"The image job {job.id} failed: {reason}", code="server_error")
+    return await run_to_end(services, spec, request, "The image job", failed_code="server_error")
 
 
 async def _reply(

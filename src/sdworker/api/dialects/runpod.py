@@ -19,7 +19,6 @@ served; health counts no `retried` jobs (re-queued jobs are not counted apart).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -39,9 +38,9 @@ from sdworker.api.dialects.runpod_format import (
     status_body,
     wants_urls,
 )
-from sdworker.api.jobflow import asset_bytes, enqueue_job, wait_for
+from sdworker.api.jobflow import asset_bytes, cancel_job, enqueue_job, wait_for
+from sdworker.api.routes.system import live_workers
 from sdworker.api.services import Services
-from sdworker.broker.base import WorkerInfo
 from sdworker.jobs import Job, JobStatus
 from sdworker.settings import Settings
 
@@ -84,17 +83,6 @@ async def _status(services: Services, job: Job) -> dict[str, Any]:
     if not wants_urls(job):
         payloads = [await asset_bytes(services, asset) for asset in job.result.assets]
     return status_body(job, job_output(job, payloads))
-
-
-def _live_workers(services: Services) -> list[WorkerInfo]:
-    """Workers whose heartbeat is recent (the native /health's horizon)."""
-    horizon = services.settings.heartbeat_timeout_s
-    now = datetime.now(UTC)
-    return [
-        worker
-        for worker in services.broker.workers()
-        if worker.last_seen and (now - worker.last_seen).total_seconds() < horizon
-    ]
 
 
 def _endpoint_id(
@@ -140,13 +128,14 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
 
     async def cancel(job_id: str, services: ServicesDep) -> dict[str, Any]:
         """RunPod: cancel a job (a running one stops at its next step)."""
-        job = await run_in_threadpool(services.broker.cancel, job_id)
+        job = await run_in_threadpool(cancel_job, services, job_id)
         stopped = job.status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELED)
         return {"id": job.id, "status": "CANCELLED" if stopped else STATUS[job.status]}
 
     def health(services: ServicesDep) -> dict[str, Any]:
         """RunPod: job counts by state and idle/running workers."""
-        return health_body(services.broker.stats(), _live_workers(services))
+        stats = services.broker.stats()
+        return health_body(stats, live_workers(services, stats.workers))
 
     routes: list[tuple[str, Any, list[str]]] = [
         ("/run", run, ["POST"]),

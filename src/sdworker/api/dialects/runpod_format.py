@@ -12,7 +12,6 @@ rp_validator does (a misspelt field would otherwise be dropped without a word).
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sdworker.broker.base import BrokerStats, WorkerInfo
 from sdworker.errors import InvalidJobError
 from sdworker.jobs import Job, JobStatus, describe_validation_error
+from sdworker.media import data_uri
 
 # JobSpec field -> this protocol's name, for error messages.
 NAMES = {
@@ -151,15 +151,12 @@ def wants_urls(job: Job) -> bool:
     return job.spec.metadata.get(CLOUD_KEY) is True
 
 
-def data_uri(content_type: str, data: bytes) -> str:
-    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
-
-
 def job_output(job: Job, payloads: Sequence[bytes] | None) -> dict[str, Any]:
     """A succeeded job's output: its media as data URIs (payloads: each asset's bytes)
     or, with payloads None, as the stored assets' URLs."""
     result = job.result
-    assert result is not None and result.assets
+    if result is None or not result.assets:  # never for a stored job; kept safe anyway
+        return {"error": f"job {job.id} succeeded without any output"}
     assets = result.assets
     if payloads is None:
         media = [asset.url for asset in assets]

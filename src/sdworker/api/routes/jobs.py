@@ -16,8 +16,8 @@ from sdworker.api import jobflow
 from sdworker.api.deps import ServicesDep
 from sdworker.api.jobflow import asset_bytes, enqueue_job, submit, wait_for
 from sdworker.api.services import Services
-from sdworker.errors import JobConflictError
-from sdworker.jobs import EventType, Job, JobEvent, JobSpec, JobStatus
+from sdworker.errors import InvalidJobError, JobConflictError
+from sdworker.jobs import Job, JobEvent, JobSpec, JobStatus, WebhookFormat
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -55,12 +55,24 @@ def _links(request: Request, job_id: str) -> JobLinks:
     return JobLinks(job=job_url, events=f"{job_url}/events", cancel=job_url)
 
 
+def _native(spec: JobSpec) -> JobSpec:
+    """Refuse what only a dialect may set: the edge callback format (its callbacks carry
+    the edge system's service key and complete that system's jobs)."""
+    if spec.webhook_format is not WebhookFormat.NATIVE:
+        raise InvalidJobError(
+            "webhook_format: only native here; the edge format is set by the edge dialect "
+            "(POST /edge/jobs)",
+            field="webhook_format",
+        )
+    return spec
+
+
 @router.post("/jobs", status_code=202, response_model=JobAccepted)
 def submit_job(
     spec: JobSpec, request: Request, services: ServicesDep, idempotency_key: IdempotencyKey = None
 ) -> JobAccepted:
     """Queue a generation job; follow it at `urls.events` (SSE) or `urls.job`."""
-    job, created = enqueue_job(spec, services, idempotency_key)
+    job, created = enqueue_job(_native(spec), services, idempotency_key)
     return JobAccepted(
         id=job.id,
         status=job.status,
@@ -91,12 +103,9 @@ def get_job(job_id: str, services: ServicesDep) -> Job:
 @router.delete("/jobs/{job_id}", response_model=Job)
 def cancel_job(job_id: str, services: ServicesDep) -> Job:
     """Cancel: a queued job never runs; a running one stops at its next step."""
-    before = services.broker.get(job_id).status
-    job = services.broker.cancel(job_id)
+    job = jobflow.cancel_job(services, job_id)
     if job.status.is_terminal() and job.status is not JobStatus.CANCELED:
         raise JobConflictError(f"job {job_id} already {job.status.value}", field="job_id")
-    if before is JobStatus.QUEUED and job.status is JobStatus.CANCELED:
-        services.webhooks.notify(job, EventType.CANCELED)  # no worker will see this job
     return job
 
 
@@ -141,7 +150,7 @@ async def generate(
     """Submit and wait for the result (up to SDWORKER_SYNC_TIMEOUT_S). With
     `Accept: image/png` (or another image type) the first image's bytes come back, the
     seed in `X-Seed`. A client that disconnects cancels its job."""
-    job = await submit(spec, services)
+    job = await submit(_native(spec), services)
     waited = await wait_for(services, job, request=request)
     job = waited.job
     if waited.disconnected:

@@ -42,7 +42,8 @@ class Health(BaseModel):
     gpu_count: int = Field(description="CUDA devices of the live workers (host, device).")
 
 
-def _live_workers(services: Services, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+def live_workers(services: Services, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """The workers whose last heartbeat is within SDWORKER_HEARTBEAT_TIMEOUT_S."""
     horizon = services.settings.heartbeat_timeout_s
     now = datetime.now(UTC)
     return [w for w in workers if w.last_seen and (now - w.last_seen).total_seconds() < horizon]
@@ -108,7 +109,7 @@ def _models(services: Services, workers: list[WorkerInfo]) -> list[dict[str, Any
 
 def health_report(services: Services) -> Health:
     uptime = time.monotonic() - services.started_at
-    live = _live_workers(services, services.broker.workers())
+    live = live_workers(services, services.broker.workers())
     supervisor = services.supervisor
     if supervisor is not None:  # serve: judge by our own worker
         live = [w for w in live if w.id == supervisor.worker_id]
@@ -155,7 +156,7 @@ def status_report(services: Services) -> dict[str, Any]:
     settings = services.settings
     stats = services.broker.stats()
     family = services.family_of(None)
-    live = _live_workers(services, stats.workers)
+    live = live_workers(services, stats.workers)
     return {
         "worker_type": "sdworker",
         "model": settings.model,
