@@ -23,6 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdworker.cli import app
+from sdworker.settings import Settings
 from tests.conftest import gradient_image, half_mask
 from tests.service.test_webhooks import Receiver
 
@@ -477,3 +478,12 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_serve_names_where_the_other_apis_answer() -> None:
+    from sdworker.cli import _dialect_summary
+
+    settings = Settings(_env_file=None, dialects={"lcm": "/", "dream": "off"})
+    summary = _dialect_summary(settings)
+    assert "lcm /," in summary and "runpod /runpod" in summary
+    assert "dream" not in summary

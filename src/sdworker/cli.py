@@ -396,6 +396,7 @@ def serve(
         application = create_app(settings, manage_worker=settings.run_worker)
     stdout.print(f"sdworker serving {settings.model} at {settings.base_url}", highlight=False)
     stdout.print(f"API docs: {settings.base_url}/docs   data: {settings.data_dir}", highlight=False)
+    stdout.print(f"other APIs: {_dialect_summary(settings)}", highlight=False)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 
@@ -414,6 +415,7 @@ def api(
     with _user_errors():
         application = create_app(settings)
     stdout.print(f"sdworker API at {settings.base_url} (docs: {settings.base_url}/docs)")
+    stdout.print(f"other APIs: {_dialect_summary(settings)}", highlight=False)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info")
 
 
@@ -442,6 +444,12 @@ def worker(
         worker_id = worker_id or settings.worker_id or f"worker-{ULID()}"
         code = run_worker_process(settings, worker_id, parent_pid)
     raise typer.Exit(code)
+
+
+def _dialect_summary(settings: Settings) -> str:
+    """Where each mounted dialect answers, e.g. 'a1111 /, lcm /lcm' (SDWORKER_DIALECTS)."""
+    mounted = settings.dialect_prefixes
+    return ", ".join(f"{name} {prefix or '/'}" for name, prefix in mounted.items()) or "none"
 
 
 def _root_dialects(name: str) -> str:
