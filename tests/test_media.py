@@ -155,3 +155,14 @@ def test_crop_center_differs_from_edges_when_upscaling() -> None:
     result = fit_to_size(framed((40, 40), 10), 80, 80, ResizeMode.CROP)
     assert result.getpixel((40, 40)) == RED
     assert result.getpixel((2, 2)) == BLUE
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_output_quality_trades_bytes_for_fidelity(fmt: str) -> None:
+    from sdworker.media import encode_image
+    from tests.conftest import gradient_image
+
+    picture = gradient_image(128, 128).rotate(17)  # edges: lossy codecs have work to do
+    low, high = encode_image(picture, fmt, None, 20), encode_image(picture, fmt, None, 95)
+    assert len(low) < len(high)
+    assert Image.open(io.BytesIO(low)).format == fmt.upper()

@@ -40,6 +40,7 @@ MIN_FRAMES, MAX_FRAMES, DEFAULT_FRAMES = 16, 81, 81
 MIN_FPS, MAX_FPS, DEFAULT_FPS = 6, 30, 15
 VIDEO_FIELDS = ("num_frames", "fps", "video_height", "video_width", "video_guidance_scale")
 MAX_STEPS = 150
+DEFAULT_OUTPUT_QUALITY = 95
 MAX_PROMPT_CHARS = 10_000
 ANONYMOUS_OWNER = "anonymous"
 
@@ -199,6 +200,12 @@ class JobSpec(BaseModel):
     )
     priority: Priority = Priority.NORMAL
     output_format: OutputFormat = OutputFormat.PNG
+    output_quality: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description=f"JPEG/WEBP quality (default {DEFAULT_OUTPUT_QUALITY}); PNG is lossless.",
+    )
     return_base64: bool = Field(default=False, description="Also put image bytes in the result.")
     return_latents: bool = False
     webhook: str | None = Field(
@@ -391,6 +398,7 @@ BATCH_VARYING_FIELDS = frozenset(
         "mask",
         "priority",
         "output_format",
+        "output_quality",
         "return_base64",
         "return_latents",
         "webhook",

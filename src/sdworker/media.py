@@ -83,9 +83,12 @@ def thumbnail_webp(image: Image.Image, edge: int = THUMBNAIL_EDGE) -> bytes:
     return buffer.getvalue()
 
 
-def encode_image(image: Image.Image, fmt: str, parameters: str | None = None) -> bytes:
-    """Encode an output image as png, jpeg or webp with its generation parameters
-    (PNG text chunk; EXIF UserComment for JPEG/WEBP, where AUTOMATIC1111 puts them)."""
+def encode_image(
+    image: Image.Image, fmt: str, parameters: str | None = None, quality: int = 95
+) -> bytes:
+    """Encode an output image as png, jpeg or webp (at `quality`) with its generation
+    parameters (PNG text chunk; EXIF UserComment for JPEG/WEBP, where AUTOMATIC1111
+    puts them)."""
     if fmt == "png":
         return encode_png(image, parameters)
     exif = Image.Exif()
@@ -93,7 +96,7 @@ def encode_image(image: Image.Image, fmt: str, parameters: str | None = None) ->
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
     buffer = io.BytesIO()
     pil_format = "JPEG" if fmt == "jpeg" else "WEBP"
-    image.convert("RGB").save(buffer, format=pil_format, quality=95, exif=exif.tobytes())
+    image.convert("RGB").save(buffer, format=pil_format, quality=quality, exif=exif.tobytes())
     return buffer.getvalue()
 
 

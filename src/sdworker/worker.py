@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sdworker.broker.base import Broker, WorkerInfo
 from sdworker.errors import OutOfMemoryError, SdworkerError
 from sdworker.jobs import (
+    DEFAULT_OUTPUT_QUALITY,
     Asset,
     EventType,
     Job,
@@ -468,7 +469,8 @@ class Worker:
         for index, (image, seed) in enumerate(pairs):
             started = time.perf_counter()
             parameters = generation_parameters(plan, seed, outcome.model, image.size)
-            main = encode_image(image, fmt, parameters)
+            quality = spec.output_quality or DEFAULT_OUTPUT_QUALITY
+            main = encode_image(image, fmt, parameters, quality)
             thumb = thumbnail_webp(image)
             encoded = time.perf_counter()
             key = image_key(job.owner, job.id, index, fmt)

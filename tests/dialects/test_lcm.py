@@ -49,6 +49,8 @@ def test_generate_with_superres_upscales_2x_per_pass(live: LiveService) -> None:
     assert response.headers["x-superres"] == "1"
     assert response.headers["x-sr-scale-per-pass"] == "2"
     assert Image.open(io.BytesIO(response.content)).size == (128, 128)
+    upscale = live.client.get(f"/v1/jobs/{response.headers['x-job-id']}").json()
+    assert upscale["spec"]["output_quality"] == 92  # superres_quality's default
 
 
 def test_superres_upscales_an_upload(live: LiveService) -> None:

@@ -115,6 +115,7 @@ def test_output_format_jpeg_and_user_owns_the_assets(live: LiveService, client: 
     assert (image.format, image.size) == ("JPEG", (64, 64))
     job = job_of(live, response)
     assert job["spec"]["metadata"] == {"user_id": "alice"}
+    assert job["spec"]["output_quality"] == 80  # output_compression is the JPEG quality
     assert job["result"]["assets"][0]["key"].startswith("alice/")
 
 

@@ -62,7 +62,7 @@ class GenerateRequest(BaseModel):
     style_lora: StyleLora = Field(default_factory=StyleLora)
     superres: bool = False
     superres_format: Literal["png", "jpeg"] = "png"
-    superres_quality: int = Field(default=92, ge=1, le=100, description="Accepted, not used.")
+    superres_quality: int = Field(default=92, ge=1, le=100, description="JPEG quality.")
     superres_magnitude: int = Field(default=2, ge=1, le=3)
 
 
@@ -100,16 +100,17 @@ async def _finished(services: Services, spec: JobSpec, request: Request, what: s
     return await run_to_end(services, spec, request, what)
 
 
-def _upscale_spec(image: bytes, passes: int, out_format: str, owner: Any) -> JobSpec:
+def _upscale_spec(image: bytes, passes: int, out_format: str, quality: int, owner: Any) -> JobSpec:
     return build_spec(
         {
             "task": "upscale",
             "image": base64.b64encode(image).decode(),
             "upscale_factor": SCALE_PER_PASS**passes,
             "output_format": out_format,
+            "output_quality": quality,
             "metadata": owner,
         },
-        NAMES,
+        NAMES | {"output_quality": "quality"},
     )
 
 
@@ -139,7 +140,9 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
         headers = {"X-Seed": str(job.result.seeds[0]), "X-SuperRes": "0"}
         if body.superres:
             passes = body.superres_magnitude
-            upscale = _upscale_spec(data, passes, body.superres_format, spec.metadata)
+            upscale = _upscale_spec(
+                data, passes, body.superres_format, body.superres_quality, spec.metadata
+            )
             job = await _finished(services, upscale, request, "Super-resolution job")
             assert job.result is not None
             data = await asset_bytes(services, job.result.assets[0])
@@ -152,7 +155,7 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
         file: Annotated[UploadFile, File(description="The image to upscale.")],
         magnitude: Annotated[int, Form(ge=1, le=3, description="Passes: 1 = 2x, 2 = 4x.")] = 2,
         out_format: Annotated[Literal["png", "jpeg"], Form()] = "png",
-        quality: Annotated[int, Form(ge=1, le=100, description="Accepted, not used.")] = 92,
+        quality: Annotated[int, Form(ge=1, le=100, description="JPEG quality.")] = 92,
     ) -> Response:
         """LCM server: upscale an uploaded image (multipart `file`)."""
         image = await file.read()
@@ -160,7 +163,10 @@ def build_router(settings: Settings, at_root: bool) -> APIRouter:
             raise StatusError(400, "Empty upload", field="file")
         passes = _passes(magnitude, "magnitude")
         job = await _finished(
-            services, _upscale_spec(image, passes, out_format, {}), request, "Super-resolution job"
+            services,
+            _upscale_spec(image, passes, out_format, quality, {}),
+            request,
+            "Super-resolution job",
         )
         assert job.result is not None
         data = await asset_bytes(services, job.result.assets[0])

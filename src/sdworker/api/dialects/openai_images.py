@@ -19,7 +19,8 @@ Where it departs from OpenAI, and why:
   default) an image's own transparent pixels are the mask when none is sent, as DALL-E 2
   did. The output keeps the input's size (fitted to the model's bounds) unless `size` says.
 - background=transparent and stream=true are refused (no alpha output, no partial
-  images); output_compression, moderation and style are accepted and change nothing.
+  images); output_compression is the JPEG/WEBP quality (100: best, OpenAI's default);
+  moderation and style are accepted and change nothing.
   No token `usage` is reported: diffusion has no tokens.
 - Extensions (the SDK's extra_body): seed, steps, negative_prompt, guidance_scale,
   scheduler, strength. The `x-request-id` header is the sdworker job id (`_request_id`).
@@ -89,7 +90,9 @@ class ImageOptions(BaseModel):
     quality: Quality | None = None
     response_format: Literal["url", "b64_json"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(default=None, ge=0, le=100, description="No effect.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="JPEG/WEBP: 100 = best quality (default)."
+    )
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = Field(default=None, description="No effect.")
     user: str | None = Field(default=None, description="Owns the assets (metadata.user_id).")
@@ -239,6 +242,8 @@ def _job_fields(options: ImageOptions, target: Target, prompt: str, n: int) -> d
         "output_format": options.output_format or "png",
         **_quality_fields(options.quality, target),
     }
+    if options.output_compression is not None:
+        fields["output_quality"] = max(1, options.output_compression)
     user = options.user or options.safety_identifier
     if user:
         fields["metadata"] = {"user_id": user}
