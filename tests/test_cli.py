@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from sdworker.cli import app
 from sdworker.settings import Settings
 from tests.conftest import gradient_image, half_mask
-from tests.service.test_webhooks import Receiver
+from tests.support.receiver import Receiver
 
 
 @pytest.fixture

@@ -545,55 +545,16 @@ def candle_worker(
         dialects=_root_dialects("candle"),
     )
     settings = _settings()
-    _run_candle_worker(settings, version.name, heartbeat_interval)
-
-
-def _run_candle_worker(settings: Settings, sd_version: str, interval_s: float | None) -> None:
-    """The API with its supervised worker, and the orchestrator client beside it."""
-    import signal
-
-    import uvicorn
-
     from sdworker.api.app import create_app
-    from sdworker.backends import build_broker
-    from sdworker.orchestrator import Identity, OrchestratorClient, broker_probe
+    from sdworker.candle_worker import run_candle_worker
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with _user_errors():
         application = create_app(settings, manage_worker=settings.run_worker)
-    server = uvicorn.Server(
-        uvicorn.Config(application, host=settings.host, port=settings.port, log_level="info")
-    )
-    assert settings.worker_id is not None  # exported from --worker-id
-    client, broker = None, None
-    if settings.orchestrator_url:
-        broker = build_broker(settings)
-        client = OrchestratorClient(
-            settings.orchestrator_url,
-            Identity(settings.worker_id, settings.port, settings.base_url, sd_version),
-            broker_probe(broker, settings, settings.worker_id),
-            interval_s=interval_s or settings.heartbeat_interval_s,
-            ready=lambda: server.started,
-        )
-        client.start()
     stdout.print(
         f"candle worker {settings.worker_id} serving {settings.model} at {settings.base_url}",
         highlight=False,
     )
-    # uvicorn re-raises a SIGTERM it drained on; end with a clean exit instead, so the
-    # orchestrator is told that this worker stopped.
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
-    try:
-        server.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if client is not None:
-            client.stop()
-        if broker is not None:
-            broker.close()
-
-
-def _exit_cleanly(_signal: int, _frame: object) -> None:
-    raise SystemExit(0)
+    run_candle_worker(settings, application, version.name, heartbeat_interval)

@@ -23,7 +23,7 @@ from sdworker.orchestrator import Identity, OrchestratorClient, WorkerState, bro
 from sdworker.settings import Settings
 from tests.conftest import gradient_image, half_mask
 from tests.dialects.conftest import LiveService
-from tests.service.test_webhooks import Receiver
+from tests.support.receiver import Receiver
 
 TINY = {"prompt": "a copper kettle", "steps": 2, "width": 64, "height": 64}
 # Long enough to still run when the test acts on it (the test cancels it).

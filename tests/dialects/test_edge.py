@@ -39,7 +39,7 @@ from sdworker.webhook_payloads import edge_payload_for
 from tests.conftest import gradient_image
 from tests.dialects.conftest import LiveService, live_service
 from tests.redis_server import RedisServer, free_port
-from tests.service.test_webhooks import Receiver
+from tests.support.receiver import Receiver
 
 SECRET = "whsec_" + base64.b64encode(b"edge-callback-secret-0123456789ab").decode()
 TOKEN = "svc"

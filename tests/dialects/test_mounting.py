@@ -17,7 +17,7 @@ from sdworker.api.app import create_app
 from sdworker.errors import ConfigError
 from sdworker.jobs import JobSpec
 from sdworker.settings import DIALECT_DEFAULT_PREFIXES, Settings
-from tests.service.test_webhooks import Receiver
+from tests.support.receiver import Receiver
 
 
 def paths_of(client: TestClient) -> set[str]:

@@ -30,7 +30,7 @@ from sdworker.settings import Settings
 from tests.conftest import gradient_image, max_pixel_difference
 from tests.dialects.conftest import LiveService
 from tests.redis_server import free_port
-from tests.service.test_webhooks import Receiver
+from tests.support.receiver import Receiver
 
 TINY = {"prompt": "a paper fox", "width": 64, "height": 64, "num_inference_steps": 2}
 Handler = Callable[[dict[str, Any]], dict[str, Any]]

@@ -24,8 +24,8 @@ from sdworker.storage.local import LocalStorage
 from sdworker.storage.s3 import S3Storage
 from sdworker.webhooks import WebhookSender
 from sdworker.worker import Worker
-from tests.service.test_webhooks import Receiver
 from tests.service.test_worker import FakeEngine
+from tests.support.receiver import Receiver
 
 
 def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:

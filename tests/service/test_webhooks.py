@@ -7,12 +7,10 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from sdworker.storage.local import LocalStorage
 from sdworker.webhooks import WebhookSender, retry_delay
 from sdworker.worker import Worker
 from tests.service.test_worker import FakeEngine
+from tests.support.receiver import Receiver
 
 KEY = b"0123456789abcdef0123456789abcdef"
 SECRETS = ["whsec_" + base64.b64encode(KEY).decode(), "plain-old-secret"]
@@ -34,39 +33,6 @@ def expected_signature(secret: bytes, message_id: str, timestamp: str, body: byt
     """Standard Webhooks, written out from the spec (not from the library sdworker uses)."""
     digest = hmac.new(secret, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256)
     return "v1," + base64.b64encode(digest.digest()).decode()
-
-
-class Receiver:
-    """Answers each POST with the next scripted (status, headers) and records it."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.script: list[tuple[int, dict[str, str]]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.calls.append(
-                    {"path": self.path, "headers": dict(self.headers.items()), "body": body}
-                )
-                status, headers = receiver.script.pop(0) if receiver.script else (200, {})
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
