@@ -192,6 +192,20 @@ def test_idempotency_key_still_answers_after_the_job_ran(broker: BrokerHandle) -
     assert broker.claim("w1") is None
 
 
+def test_find_by_idempotency_key(broker: BrokerHandle) -> None:
+    assert broker.find("key-1") is None
+    job, _ = broker.enqueue(make_spec(seed=1), idempotency_key="key-1")
+    broker.enqueue(make_spec(seed=2), idempotency_key="key-2")
+    broker.enqueue(make_spec(seed=3))
+    found = broker.find("key-1")
+    assert found is not None and found.id == job.id and found.spec.seed == 1
+    assert broker.claim("w1") is not None
+    assert broker.complete(job.id, "w1", make_result())
+    done = broker.find("key-1")
+    assert done is not None and done.status == S.SUCCEEDED
+    assert broker.find("key-3") is None
+
+
 def test_idempotency_compares_specs_not_their_serialization(broker: BrokerHandle) -> None:
     """Equal specs are equal whatever the key order of their metadata (a retry may come
     from another client library that orders JSON keys differently)."""

@@ -27,12 +27,14 @@ import redis
 from PIL import Image
 from standardwebhooks import Webhook
 
+from sdworker.api.dialects.edge import accept_payload
 from sdworker.edge_queue import (
     HANDOVER_ATTEMPTS,
     EdgeQueueConsumer,
     dead_letter_list,
     processing_list,
 )
+from sdworker.errors import InputImageError
 from sdworker.jobs import Asset, Job, JobError, JobResult, JobSpec, JobStatus, JobTimings
 from sdworker.settings import Settings
 from sdworker.webhook_payloads import edge_payload_for
@@ -520,3 +522,32 @@ def test_the_consumer_speaks_tls(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_redriven_payload_is_its_job_even_when_its_reference_is_gone(
+    make_client: Any, tmp_path: Path
+) -> None:
+    """After a crash, the item is handed over again: the job exists, so it is that job,
+    not a refusal because the (signed, expiring) reference URL no longer answers."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    gradient_image(64, 64).save(tmp_path / "ref.png")
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/ref.png"
+    client = make_client(fetch_allow="127.0.0.1")  # no worker: the job stays queued
+    services = client.app.state.services
+    job = payload(metadata={"reference_image_url": url, "denoise_strength": 0.5})
+    try:
+        _, first, created = accept_payload(job, services)
+        assert created
+    finally:
+        server.shutdown()
+        server.server_close()
+    _, again, created = accept_payload(job, services)  # the URL is gone now
+    assert (again.id, created) == (first.id, False)
+    changed = payload(id=job["id"], prompt="something else")
+    with pytest.raises(InputImageError):  # a different payload is checked (and refused)
+        accept_payload(changed | {"metadata": job["metadata"]}, services)

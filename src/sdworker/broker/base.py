@@ -156,6 +156,11 @@ class Broker(Protocol):
         """The job, with its queue position while queued; JobNotFoundError if unknown."""
         ...
 
+    def find(self, idempotency_key: str) -> Job | None:
+        """The job enqueued with this idempotency key, None when there is none (or,
+        on Redis, when it has expired with its finished job)."""
+        ...
+
     def list(
         self,
         *,

@@ -237,6 +237,15 @@ class RedisBroker:
     def get(self, job_id: str) -> Job:
         return self._job(self._load(job_id))
 
+    def find(self, idempotency_key: str) -> Job | None:
+        job_id = self._redis.get(self._key("idem", idempotency_key))
+        if job_id is None:
+            return None
+        try:
+            return self.get(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+        except JobNotFoundError:  # expired between the two reads
+            return None
+
     def list(
         self,
         *,

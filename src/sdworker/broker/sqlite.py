@@ -488,6 +488,13 @@ class SqliteBroker:
         db = self._connection()
         return self._job(db, self._row(db, job_id), position=True)
 
+    def find(self, idempotency_key: str) -> Job | None:
+        db = self._connection()
+        row = db.execute(
+            "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        return self._job(db, row, position=True) if row is not None else None
+
     def list(
         self,
         *,

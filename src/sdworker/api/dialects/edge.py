@@ -44,6 +44,7 @@ from sdworker.api.errors import status_of
 from sdworker.api.jobflow import enqueue_job
 from sdworker.api.routes.system import Health, health_report, status_report
 from sdworker.api.services import Services
+from sdworker.broker.records import spec_digest
 from sdworker.errors import InvalidJobError, JobConflictError, SdworkerError
 from sdworker.jobs import Job, JobSpec, WebhookFormat, describe_validation_error
 from sdworker.settings import Settings
@@ -261,8 +262,15 @@ def accept_payload(data: Any, services: Services) -> tuple[EdgePayload, Job, boo
     payload = parse_payload(data)
     translation = translate(payload, services.settings)
     spec: JobSpec = build_spec(translation.fields, translation.names)
+    key = idempotency_key(payload)
+    earlier = services.broker.find(key)
+    if earlier is not None and spec_digest(earlier.spec) == spec_digest(spec):
+        # Re-driven or re-posted: the job exists. Validating again would fetch its
+        # reference image again, and a URL that has expired since must not turn an
+        # accepted job into a "refused" callback.
+        return payload, earlier, False
     try:
-        job, created = enqueue_job(spec, services, idempotency_key(payload))
+        job, created = enqueue_job(spec, services, key)
     except SdworkerError as exc:  # validate_job's words are JobSpec's: use the payload's
         exc.message = rename_fields(exc.message, translation.names)
         exc.field = rename_field(exc.field, translation.names)
