@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 
@@ -16,24 +14,7 @@ from sdworker.settings import Settings
 from sdworker.storage.base import AssetNotFoundError, InvalidKeyError, Storage
 from sdworker.storage.local import LocalStorage
 from sdworker.storage.s3 import S3Storage
-from tests.redis_server import free_port
-
-CREDENTIALS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDENTIALS).create_bucket(
-        Bucket="outputs"
-    )
-    yield endpoint
-    server.stop()
+from tests.support.s3_server import CREDENTIALS, s3_endpoint
 
 
 def _s3(endpoint: str, **extra: Any) -> S3Storage:
@@ -104,3 +85,6 @@ def test_settings_choose_s3_with_the_names_deployments_use(
     assert isinstance(storage, S3Storage)
     assert storage.put("o/j/0.png", b"x", "image/png") == "https://d1.cloudfront.net/o/j/0.png"
     assert storage.get("o/j/0.png").data == b"x"
+
+
+__all__ = ["s3_endpoint"]  # the shared S3 server fixture
